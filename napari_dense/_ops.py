@@ -1,0 +1,123 @@
+"""Runtime operations of dense networks (the functions the rewritten fx graphs call).
+
+Every function here works on dense tensors of shape (N, C, H, W) and is geometry-explicit:
+kernel, dilation and stride are given in dense-tensor indices, padding in dense-tensor indices
+as ``(left, right, top, bottom)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import Pair
+
+__all__ = ["align_spatial", "dense_conv2d", "dense_pool2d", "linear_as_conv2d"]
+
+Padding = tuple[int, int, int, int]
+
+
+def _pad(x: torch.Tensor, padding: Padding, mode: str, value: float = 0.0) -> torch.Tensor:
+    if not any(padding):
+        return x
+    if mode == "zeros" or mode == "constant":
+        return F.pad(x, padding, mode="constant", value=value)
+    return F.pad(x, padding, mode=mode)
+
+
+def dense_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Pair,
+    dilation: Pair,
+    padding: Padding,
+    padding_mode: str,
+    groups: int,
+) -> torch.Tensor:
+    """A convolution at the given dilation and stride (the dense form of ``Conv2d``)."""
+    left, right, top, bottom = padding
+    if padding_mode == "zeros" and left == right and top == bottom:
+        # Symmetric zero padding is fused into the convolution (no padded copy of x).
+        return F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
+    x = _pad(x, padding, padding_mode)
+    return F.conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+
+def linear_as_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel: Pair,
+    dilation: Pair,
+) -> torch.Tensor:
+    """``Linear`` applied to a flattened ``C × kh × kw`` map, as a dilated ``kh × kw`` convolution.
+
+    ``torch.flatten`` orders features channel-major, then row, then column, which is exactly the
+    layout of a convolution kernel ``(out, C, kh, kw)``: the weights are reshaped, never copied.
+    """
+    out_features, in_features = weight.shape
+    channels = in_features // (kernel[0] * kernel[1])
+    kernel_weight = weight.view(out_features, channels, kernel[0], kernel[1])
+    return F.conv2d(x, kernel_weight, bias, 1, 0, dilation)
+
+
+def dense_pool2d(
+    x: torch.Tensor,
+    kind: str,
+    kernel: Pair,
+    dilation: Pair,
+    stride: Pair,
+    padding: Padding,
+    divisor: float | None = None,
+) -> torch.Tensor:
+    """Max or average pooling at any dilation, as a reduction over shifted views.
+
+    ``F.avg_pool2d`` has no dilation, and ``F.max_pool2d`` with dilation is slow on CPU; both
+    reductions are separable, so rows then columns are reduced over ``kh + kw`` shifted views
+    (no index tensors, no unfolded copy).
+    """
+    if kind not in ("max", "avg"):
+        raise ValueError(f"unknown pooling kind {kind!r}")
+    x = _pad(x, padding, "constant", float("-inf") if kind == "max" else 0.0)
+    for axis, k, d, s in ((2, kernel[0], dilation[0], stride[0]), (3, kernel[1], dilation[1], stride[1])):
+        if k == 1 and s == 1:
+            continue
+        size = x.shape[axis]
+        out = (size - (k - 1) * d - 1) // s + 1
+        if out < 1:
+            raise ValueError(f"input of size {size} is smaller than the pooling window")
+        acc: torch.Tensor | None = None
+        for i in range(k):
+            view = x.narrow(axis, i * d, (out - 1) * s + 1)
+            if s > 1:
+                view = view[:, :, :: s] if axis == 2 else view[:, :, :, :: s]
+            if acc is None:
+                acc = view.clone() if k > 1 else view
+            elif kind == "max":
+                torch.maximum(acc, view, out=acc)
+            else:
+                acc.add_(view)
+        assert acc is not None
+        x = acc
+    if kind == "avg":
+        x = x / (divisor if divisor is not None else kernel[0] * kernel[1])
+    return x
+
+
+def align_spatial(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Crop dense tensors to their common spatial size.
+
+    Index ``(y, x)`` means the same patch in every dense tensor of one lattice, so tensors joined
+    by add/multiply/concat only differ in how far their valid region extends: keep the overlap.
+    """
+    height = min(t.shape[-2] for t in tensors)
+    width = min(t.shape[-1] for t in tensors)
+    return tuple(t[..., :height, :width] for t in tensors)
+
+
+def crop_cat(tensors: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """``torch.cat`` along channels after :func:`align_spatial`."""
+    return torch.cat(align_spatial(*tensors), dim=dim)

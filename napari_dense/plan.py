@@ -1,0 +1,133 @@
+"""The plan of a dense network: its striding layers, their sampling and what each costs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .geometry import Pair
+
+__all__ = ["DensePlan", "StridingLayer"]
+
+Sampling = Literal["all", "none"]
+
+
+@dataclass(frozen=True)
+class StridingLayer:
+    """One pooling or strided layer of the patch network, and the cost of densifying it.
+
+    Attributes
+    ----------
+    name
+        Qualified module name (``features.2``) or, for functional calls, the fx node name.
+    op
+        Layer type (``MaxPool2d``, ``Conv2d``, ``avg_pool2d`` ...).
+    kernel, stride
+        As in the patch network, ``(y, x)``.
+    sampling
+        ``"all"``: evaluated at all ``sy × sx`` phases (exact, dense); ``"none"``: kept strided.
+    added_macs_per_pixel
+        Multiply-adds per output pixel that densifying this layer adds, the other layers sampled
+        as in this plan.
+    added_bytes_per_megapixel
+        Peak activation bytes per output megapixel that densifying this layer adds (estimate).
+    """
+
+    name: str
+    op: str
+    kernel: Pair
+    stride: Pair
+    sampling: Sampling
+    added_macs_per_pixel: float = 0.0
+    added_bytes_per_megapixel: float = 0.0
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """What a dense network computes and what it costs (the result of :func:`napari_dense.explain`).
+
+    Attributes
+    ----------
+    patch_size, in_channels, num_classes
+        The patch classifier's geometry.
+    layers
+        Every striding layer, in graph order (the choices a user can make).
+    output_stride
+        Input pixels between neighbouring output samples: 1 when every layer is densified.
+    receptive_field
+        Input pixels (per axis) that influence one output; at most ``patch_size`` (pooling that
+        drops odd rows makes it smaller).
+    exact
+        Whether the dense network reproduces the patch classifier exactly (False with padding
+        inside the network; see ``inexact_reasons``).
+    macs_per_pixel
+        Multiply-adds per input pixel for this sampling.
+    macs_per_patch
+        Multiply-adds of one forward pass of the patch classifier (the naive cost per pixel).
+    bytes_per_megapixel
+        Estimated peak activation memory per input megapixel (float32), batch 1.
+    """
+
+    patch_size: Pair
+    in_channels: int
+    num_classes: int
+    layers: tuple[StridingLayer, ...]
+    output_stride: Pair
+    receptive_field: Pair
+    exact: bool
+    macs_per_pixel: float
+    macs_per_patch: float
+    bytes_per_megapixel: float
+    inexact_reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def sampling(self) -> dict[str, Sampling]:
+        """The sampling of every striding layer, ``{name: "all" | "none"}``."""
+        return {layer.name: layer.sampling for layer in self.layers}
+
+    @property
+    def speedup_over_naive(self) -> float:
+        """Multiply-adds per patch ÷ multiply-adds per pixel (the ideal speedup over naive)."""
+        return self.macs_per_patch / self.macs_per_pixel if self.macs_per_pixel else float("inf")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-serialisable) of the plan."""
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        """The layer table and totals as markdown."""
+        lines = [
+            "| layer | op | kernel | stride | sampling | +MAC/px | +MB/Mpx |",
+            "|---|---|---|---|---|---:|---:|",
+        ]
+        for layer in self.layers:
+            lines.append(
+                f"| {layer.name} | {layer.op} | {_fmt_pair(layer.kernel)} | "
+                f"{_fmt_pair(layer.stride)} | {layer.sampling} | "
+                f"{_fmt_count(layer.added_macs_per_pixel)} | "
+                f"{layer.added_bytes_per_megapixel / 1e6:.1f} |"
+            )
+        lines.append("")
+        lines.append(
+            f"patch {_fmt_pair(self.patch_size)}, {self.in_channels} channel(s) -> "
+            f"{self.num_classes} classes; output stride {_fmt_pair(self.output_stride)}; "
+            f"{_fmt_count(self.macs_per_pixel)} MAC/px "
+            f"(naive {_fmt_count(self.macs_per_patch)}/px, {self.speedup_over_naive:.0f}x less); "
+            f"~{self.bytes_per_megapixel / 1e6:.0f} MB/Mpx; "
+            f"{'exact' if self.exact else 'NOT exact: ' + '; '.join(self.inexact_reasons)}"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _fmt_pair(value: Pair) -> str:
+    return f"{value[0]}x{value[1]}"
+
+
+def _fmt_count(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"

@@ -1,0 +1,117 @@
+"""In-memory dense prediction of a whole image (the engine tiles larger ones)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._image import as_batch, pad_border
+from .convert import SamplingSpec, densify
+from .dense import DenseClassifier
+from .device import resolve_device
+from .errors import InputError
+from .geometry import border_padding
+
+__all__ = ["MODES", "predict", "sampling_of_mode", "upsample_lattice"]
+
+MODES = {"advanced": "all", "simple": "none"}
+
+
+def sampling_of_mode(mode: str | Mapping[str, str]) -> SamplingSpec:
+    """``"advanced"`` -> ``"all"``, ``"simple"`` -> ``"none"``; mappings pass through."""
+    if isinstance(mode, Mapping):
+        return mode
+    if mode not in MODES:
+        raise InputError(f"mode must be 'advanced', 'simple' or a sampling mapping, got {mode!r}")
+    return MODES[mode]
+
+
+def predict(
+    image: Any,
+    model: nn.Module,
+    patch_size: int | tuple[int, int] | None = None,
+    *,
+    mode: str | Mapping[str, str] = "advanced",
+    channel_axis: int | None = None,
+    device: str | torch.device = "auto",
+    border: str = "reflect",
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """The classifier's output at every pixel of ``image``.
+
+    Parameters
+    ----------
+    image
+        ``(H, W)`` for one-channel models, ``(H, W, C)`` or ``(C, H, W)`` otherwise (any numeric
+        dtype; integers keep their values).
+    model
+        A patch classifier (converted here) or a :class:`DenseClassifier` (used as is; ``mode``
+        and ``patch_size`` are then ignored).
+    patch_size
+        ``Ph`` or ``(Ph, Pw)``; required for a patch classifier.
+    mode
+        ``"advanced"`` (every layer densified: exact at every pixel), ``"simple"`` (fully
+        convolutional, interpolated between exact lattice samples) or a sampling mapping.
+    channel_axis
+        Channel axis of a 3-D image (inferred from the model's channels when None).
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    border
+        How the image is extended so border pixels get a full patch: ``"reflect"``, ``"edge"``,
+        ``"constant"`` (zeros).
+    interpolation
+        Between lattice samples when ``output_stride > 1``: ``"bilinear"`` or ``"nearest"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(K, H, W)``. ``out[:, y, x]`` is the classifier's output for the patch whose
+        rows are ``y - Ph // 2 … y - Ph // 2 + Ph - 1`` (columns likewise) of the padded image.
+        With an output stride ``S > 1`` the samples at ``(S * i, S * j)`` are exact and the rest
+        interpolated between them.
+    """
+    if interpolation not in ("bilinear", "nearest"):
+        raise InputError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
+    if isinstance(model, DenseClassifier):
+        dense = model
+    else:
+        if patch_size is None:
+            raise InputError("patch_size is required to convert a patch classifier")
+        dense = densify(model, patch_size, sampling=sampling_of_mode(mode))
+    target = resolve_device(device)
+    batch = as_batch(image, channel_axis=channel_axis, channels=dense.in_channels)
+    height, width = batch.shape[-2:]
+    (ph, pw), (sy, sx) = dense.patch_size, dense.output_stride
+    padded = pad_border(
+        batch, border_padding(height, ph, sy), border_padding(width, pw, sx), border
+    )
+    dense = dense.to(target).eval()
+    with torch.inference_mode():
+        samples = dense(torch.from_numpy(padded).to(target))
+        out = upsample_lattice(samples, (sy, sx), (height, width), interpolation)
+    return out[0].float().cpu().numpy()
+
+
+def upsample_lattice(
+    samples: torch.Tensor, stride: tuple[int, int], size: tuple[int, int], interpolation: str
+) -> torch.Tensor:
+    """Fill the pixels between lattice samples.
+
+    ``samples[..., i, j]`` sits exactly on pixel ``(stride_y * i, stride_x * j)``; the result has
+    ``size`` and equals ``samples`` on the lattice. Bilinear uses ``align_corners=True`` on the
+    grid spanned by the samples, which is exactly that alignment (no drift on large images).
+    """
+    if stride == (1, 1):
+        return samples[..., : size[0], : size[1]]
+    if interpolation == "nearest":
+        rows = (torch.arange(size[0], device=samples.device) + stride[0] // 2) // stride[0]
+        cols = (torch.arange(size[1], device=samples.device) + stride[1] // 2) // stride[1]
+        return samples[..., rows, :][..., cols]
+    grid = ((samples.shape[-2] - 1) * stride[0] + 1, (samples.shape[-1] - 1) * stride[1] + 1)
+    full = F.interpolate(samples, size=grid, mode="bilinear", align_corners=True)
+    return full[..., : size[0], : size[1]]
