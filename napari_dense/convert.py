@@ -20,7 +20,7 @@ import copy
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -211,6 +211,10 @@ class _DenseGraphBuilder:
         self.inexact: list[str] = []
         self.costs = _Costs()
         self.spatial_size_reads: list[fx.Node] = []
+        # Striding layers upstream of each dense tensor, and layers that must share a sampling
+        # because their branches are joined (their lattices must match).
+        self.upstream: dict[fx.Node, frozenset[str]] = {}
+        self.ties: dict[str, set[str]] = {}
 
     # -- the walk ------------------------------------------------------------------------------
 
@@ -231,6 +235,7 @@ class _DenseGraphBuilder:
             else:  # pragma: no cover - fx has no other kinds of nodes
                 raise self._unsupported(node)
             self._account_memory(node)
+            self._track_upstream(node)
         unknown = set(self.requested) - {layer.name for layer in self.layers}
         if unknown:
             names = ", ".join(layer.name for layer in self.layers) or "none"
@@ -521,14 +526,7 @@ class _DenseGraphBuilder:
 
     def _elementwise(self, node: fx.Node) -> None:
         dense_args = [a for a in node.all_input_nodes if a in self.lattice]
-        lattices = {self.lattice[a] for a in dense_args}
-        if len(lattices) > 1:
-            raise self._unsupported(
-                node, "its inputs come from branches sampled differently "
-                f"({', '.join(_describe(lt) for lt in lattices)}). Hint: densify the striding "
-                "layers of all joined branches alike.",
-            )  # fmt: skip
-        lattice = lattices.pop()
+        lattice = self._joined_lattice(node, dense_args)
         env = dict(self.env)
         if len(dense_args) > 1:
             aligned = self.graph.call_function(
@@ -609,13 +607,11 @@ class _DenseGraphBuilder:
         dense = [t for t in tensors if t in self.lattice]
         if len(dense) != len(tensors):
             raise self._unsupported(node, "it concatenates a feature map with a constant.")
-        lattices = {self.lattice[t] for t in dense}
-        if len(lattices) > 1 or next(iter(lattices)).flattened is not None:
-            raise self._unsupported(
-                node, "it joins branches sampled differently (or flattened maps). Hint: "
-                "densify the striding layers of all joined branches alike.")  # fmt: skip
+        lattice = self._joined_lattice(node, dense)
+        if lattice.flattened is not None:
+            raise self._unsupported(node, "it concatenates flattened feature maps.")
         self.env[node] = self.graph.call_function(_ops.crop_cat, ([self.env[t] for t in dense], 1))
-        self.lattice[node] = lattices.pop()
+        self.lattice[node] = lattice
         self.receptive[node] = _max_pair(self.receptive[t] for t in dense)
 
     def _reshape_like(self, node: fx.Node, x: fx.Node) -> None:
@@ -643,6 +639,22 @@ class _DenseGraphBuilder:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _joined_lattice(self, node: fx.Node, branches: list[fx.Node]) -> Lattice:
+        """The common lattice of joined branches (they must be sampled alike)."""
+        lattices = {self.lattice[b] for b in branches}
+        if len(lattices) > 1:
+            sampled = {layer.name: layer.sampling for layer in self.layers}
+            described = "; ".join(
+                f"{b.name} after " + (", ".join(f"{n}={sampled[n]}" for n in
+                                                 sorted(self.upstream[b])) or "no striding layer")
+                for b in branches
+            )  # fmt: skip
+            raise self._unsupported(
+                node, f"it joins branches sampled differently ({described}). Hint: densify the "
+                "striding layers of all joined branches alike.",
+            )  # fmt: skip
+        return lattices.pop()
+
     def _same_lattice(self, node: fx.Node, x: fx.Node) -> None:
         self.lattice[node] = self.lattice[x]
         self.receptive[node] = self.receptive[x]
@@ -667,6 +679,20 @@ class _DenseGraphBuilder:
 
     def _mark_inexact(self, reason: str) -> None:
         self.inexact.append(reason)
+
+    def _track_upstream(self, node: fx.Node) -> None:
+        if node not in self.lattice:
+            return
+        branches = [self.upstream[a] for a in node.all_input_nodes if a in self.upstream]
+        upstream = frozenset().union(*branches)
+        if len(branches) > 1:
+            tied = upstream - frozenset.intersection(*branches)
+            group = set(tied).union(*(self.ties.get(name, set()) for name in tied))
+            for name in group:
+                self.ties[name] = group
+        if self.layers and self.layers[-1].name == _layer_name(node):
+            upstream |= {self.layers[-1].name}
+        self.upstream[node] = upstream
 
     def _account_memory(self, node: fx.Node) -> None:
         if node not in self.lattice or node in self.costs.bytes_per_pixel:
@@ -726,6 +752,10 @@ def _padding4(padding: Any, kernel: Pair, dilation: Pair, node: fx.Node,
     return pad
 
 
+def _layer_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
 def _fetch_attr(module: nn.Module, target: str) -> Any:
     obj: Any = module
     for atom in target.split("."):
@@ -747,10 +777,6 @@ def _max_pair(pairs: Iterable[Pair]) -> Pair:
     return (max(p[0] for p in items), max(p[1] for p in items))
 
 
-def _describe(lattice: Lattice) -> str:
-    return f"dilation {lattice.dilation}, step {lattice.step}"
-
-
 # --------------------------------------------------------------------------------------------
 # Step 4: the public functions.
 # --------------------------------------------------------------------------------------------
@@ -764,11 +790,15 @@ def _build(traced: _Traced, sampling: SamplingSpec) -> tuple[fx.GraphModule, Den
     network.graph.lint()
     network.recompile()
     output = next(n for n in traced.module.graph.nodes if n.op == "output").args[0]
+    layers = tuple(
+        replace(layer, tied_with=tuple(sorted(builder.ties.get(layer.name, set()) - {layer.name})))
+        for layer in builder.layers
+    )
     plan = DensePlan(
         patch_size=traced.patch_size,
         in_channels=traced.in_channels,
         num_classes=traced.num_classes,
-        layers=tuple(builder.layers),
+        layers=layers,
         output_stride=builder.lattice[output].step,
         receptive_field=builder.receptive[output],
         exact=not builder.inexact,
@@ -781,21 +811,25 @@ def _build(traced: _Traced, sampling: SamplingSpec) -> tuple[fx.GraphModule, Den
 
 
 def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
-    """Fill in what densifying each striding layer adds, the others sampled as in ``plan``."""
+    """Fill in what densifying each striding layer adds, the others sampled as in ``plan``.
+
+    Layers tied by a join (their branches must share a lattice) are flipped together.
+    """
     layers = []
     for layer in plan.layers:
-        costs = {}
-        for choice in _SAMPLINGS:
-            _, variant = _build(traced, {**plan.sampling, layer.name: choice})
-            costs[choice] = variant
-        layers.append(
-            StridingLayer(
-                layer.name, layer.op, layer.kernel, layer.stride, layer.sampling,
-                costs["all"].macs_per_pixel - costs["none"].macs_per_pixel,
-                costs["all"].bytes_per_megapixel - costs["none"].bytes_per_megapixel,
-            )
-        )  # fmt: skip
-    return DensePlan(**{**plan.__dict__, "layers": tuple(layers)})
+        group = (layer.name, *layer.tied_with)
+        variants = {
+            choice: _build(traced, {**plan.sampling, **dict.fromkeys(group, choice)})[1]
+            for choice in _SAMPLINGS
+        }
+        layers.append(replace(
+            layer,
+            added_macs_per_pixel=variants["all"].macs_per_pixel - variants["none"].macs_per_pixel,
+            added_bytes_per_megapixel=(
+                variants["all"].bytes_per_megapixel - variants["none"].bytes_per_megapixel
+            ),
+        ))  # fmt: skip
+    return replace(plan, layers=tuple(layers))
 
 
 def explain(

@@ -31,6 +31,10 @@ class StridingLayer:
         as in this plan.
     added_bytes_per_megapixel
         Peak activation bytes per output megapixel that densifying this layer adds (estimate).
+    tied_with
+        Layers that must be sampled like this one, because their branches are joined (added,
+        concatenated) and joined maps must lie on one lattice. The added costs are those of
+        flipping the whole group.
     """
 
     name: str
@@ -40,6 +44,7 @@ class StridingLayer:
     sampling: Sampling
     added_macs_per_pixel: float = 0.0
     added_bytes_per_megapixel: float = 0.0
+    tied_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

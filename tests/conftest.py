@@ -1,0 +1,47 @@
+"""Shared test helpers: every exactness check goes through napari_dense.reference.patchwise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_dense.reference import patchwise
+
+ATOL = 1e-4  # float32, as the issue asks
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give BatchNorm layers non-trivial statistics so that eval mode really matters."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator))
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(n, generator=generator))
+            module.bias.data.copy_(torch.randn(n, generator=generator))
+    return model
+
+
+def oracle_valid(model: torch.nn.Module, x: torch.Tensor, patch: tuple[int, int]) -> np.ndarray:
+    """The classifier on every full patch of each image of ``x`` (N, C, H, W) -> (N, K, H', W').
+
+    Taken from the oracle's centre convention: the patch with top-left (i, j) is centred at
+    (i + Ph // 2, j + Pw // 2).
+    """
+    ph, pw = patch
+    height, width = x.shape[-2:]
+    rows, cols = np.mgrid[: height - ph + 1, : width - pw + 1]
+    centres = np.stack([rows.ravel() + ph // 2, cols.ravel() + pw // 2], axis=1)
+    results = [
+        patchwise(image, model, patch, channel_axis=0, border="constant", positions=centres)
+        for image in x.numpy()
+    ]
+    return np.stack(results).reshape(len(x), -1, *rows.shape)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
