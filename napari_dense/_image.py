@@ -48,12 +48,7 @@ def as_batch(image: Any, *, channel_axis: int | None, channels: int | None) -> n
             "pass one plane at a time (e.g. image[z])"
         )
     if channels is not None and array.shape[0] != channels:
-        raise InputError(
-            f"the model expects {channels} channel(s) but the image has {array.shape[0]} "
-            f"(shape {np.shape(image)}); "
-            + ("pass channel_axis=... or convert the image" if channels != 1
-               else "convert it to one channel (e.g. skimage.color.rgb2gray)")
-        )  # fmt: skip
+        raise _channel_mismatch(channels, f"{array.shape[0]}", np.shape(image))
     batch = np.ascontiguousarray(array[None], dtype=np.float32)
     bad = np.count_nonzero(~np.isfinite(batch)) if array.dtype.kind == "f" else 0
     if bad:
@@ -71,9 +66,17 @@ def _guess_channel_axis(array: np.ndarray, channels: int | None) -> int:
         return -1
     if array.shape[0] == channels:
         return 0
-    raise InputError(
-        f"the model expects {channels} channel(s) but neither the first nor the last axis of "
-        f"the image {array.shape} has that size; pass channel_axis=... or convert the image"
+    raise _channel_mismatch(channels, "neither on the first nor on the last axis", array.shape)
+
+
+def _channel_mismatch(channels: int, found: str, shape: tuple[int, ...]) -> InputError:
+    fix = (
+        "convert it to one channel (e.g. skimage.color.rgb2gray)"
+        if channels == 1
+        else "pass channel_axis=... or convert the image"
+    )
+    return InputError(
+        f"the model expects {channels} channel(s) but the image {shape} has {found}; {fix}"
     )
 
 

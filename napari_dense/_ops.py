@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from .geometry import Pair
 
-__all__ = ["align_spatial", "dense_conv2d", "dense_pool2d", "linear_as_conv2d"]
+__all__ = [
+    "align_spatial",
+    "batch_to_space",
+    "crop_cat",
+    "dense_conv2d",
+    "dense_pool2d",
+    "linear_as_conv2d",
+    "space_to_batch",
+]
 
 Padding = tuple[int, int, int, int]
 
@@ -82,7 +90,10 @@ def dense_pool2d(
     if kind not in ("max", "avg"):
         raise ValueError(f"unknown pooling kind {kind!r}")
     x = _pad(x, padding, "constant", float("-inf") if kind == "max" else 0.0)
-    for axis, k, d, s in ((2, kernel[0], dilation[0], stride[0]), (3, kernel[1], dilation[1], stride[1])):
+    for axis, k, d, s in (
+        (2, kernel[0], dilation[0], stride[0]),
+        (3, kernel[1], dilation[1], stride[1]),
+    ):
         if k == 1 and s == 1:
             continue
         size = x.shape[axis]
@@ -93,7 +104,7 @@ def dense_pool2d(
         for i in range(k):
             view = x.narrow(axis, i * d, (out - 1) * s + 1)
             if s > 1:
-                view = view[:, :, :: s] if axis == 2 else view[:, :, :, :: s]
+                view = view[:, :, ::s] if axis == 2 else view[:, :, :, ::s]
             if acc is None:
                 acc = view.clone() if k > 1 else view
             elif kind == "max":
@@ -121,3 +132,28 @@ def align_spatial(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def crop_cat(tensors: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
     """``torch.cat`` along channels after :func:`align_spatial`."""
     return torch.cat(align_spatial(*tensors), dim=dim)
+
+
+def space_to_batch(x: torch.Tensor, stride: Pair) -> torch.Tensor:
+    """Split a stride-1 map into its ``sy × sx`` phases, stacked in front of the batch.
+
+    ``(B, C, H, W) -> (sy * sx * B, C, ceil(H / sy), ceil(W / sx))``; phase ``(ry, rx)`` holds
+    rows ``ry, ry + sy, …``. The zero rows padded at the end only reach outputs that are
+    cropped away (they lie past the last full patch).
+    """
+    sy, sx = stride
+    batch, channels, height, width = x.shape
+    x = F.pad(x, (0, -width % sx, 0, -height % sy))
+    h, w = x.shape[-2] // sy, x.shape[-1] // sx
+    x = x.view(batch, channels, h, sy, w, sx).permute(3, 5, 0, 1, 2, 4)
+    return x.reshape(sy * sx * batch, channels, h, w)
+
+
+def batch_to_space(x: torch.Tensor, phases: Sequence[Pair]) -> torch.Tensor:
+    """Undo :func:`space_to_batch` for every stride in ``phases`` (last split first)."""
+    for sy, sx in reversed(phases):
+        batch = x.shape[0] // (sy * sx)
+        _, channels, h, w = x.shape
+        x = x.view(sy, sx, batch, channels, h, w).permute(2, 3, 4, 0, 5, 1)
+        x = x.reshape(batch, channels, h * sy, w * sx)
+    return x

@@ -38,6 +38,10 @@ __all__ = ["SamplingSpec", "densify", "explain"]
 
 SamplingSpec = str | Mapping[str, str]
 _SAMPLINGS = ("all", "none")
+# How the s × s phases of a densified layer are carried: "dilated" keeps them interleaved in the
+# map and dilates every later kernel (à trous); "batch" moves them into the batch dimension
+# (FDFE's multi-pooling, space-to-batch) and unwarps them at the end.
+_PHASES = ("dilated", "batch")
 
 _SUPPORTED = (
     "Supported: Conv2d, Max/AvgPool2d, AdaptiveAvg/MaxPool2d, BatchNorm, activations and other "
@@ -55,17 +59,56 @@ _IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout,
 )  # fmt: skip
 _ELEMENTWISE_FUNCTIONS: set[Callable[..., Any]] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
-    operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.relu,
-    torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.clamp, torch.sqrt,
-    torch.square, torch.neg,
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.sigmoid,
-    F.tanh, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.prelu,
-    F.logsigmoid, F.threshold,
-}  # fmt: skip
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.neg,
+    operator.pow,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.log,
+    torch.abs,
+    torch.clamp,
+    torch.sqrt,
+    torch.square,
+    torch.neg,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.sigmoid,
+    F.tanh,
+    F.hardtanh,
+    F.hardswish,
+    F.hardsigmoid,
+    F.softplus,
+    F.softsign,
+    F.prelu,
+    F.logsigmoid,
+    F.threshold,
+}
 _IDENTITY_FUNCTIONS: set[Callable[..., Any]] = {
-    F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
 }
 _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "neg", "pow", "relu", "sigmoid", "tanh", "exp", "log", "abs",
@@ -74,14 +117,22 @@ _ELEMENTWISE_METHODS = {
 }  # fmt: skip
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _SOFTMAX_FUNCTIONS: set[Callable[..., Any]] = {
-    F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
+    F.softmax,
+    F.log_softmax,
+    F.softmin,
+    torch.softmax,
+    torch.log_softmax,
 }
 _SOFTMAX_MODULES: dict[type[nn.Module], Callable[..., Any]] = {
-    nn.Softmax: F.softmax, nn.LogSoftmax: F.log_softmax, nn.Softmin: F.softmin,
+    nn.Softmax: F.softmax,
+    nn.LogSoftmax: F.log_softmax,
+    nn.Softmin: F.softmin,
 }
 _REDUCE_METHODS = {"mean": "avg", "amax": "max", "sum": "sum"}
 _REDUCE_FUNCTIONS: dict[Callable[..., Any], str] = {
-    torch.mean: "avg", torch.amax: "max", torch.sum: "sum",
+    torch.mean: "avg",
+    torch.amax: "max",
+    torch.sum: "sum",
 }
 
 
@@ -198,7 +249,10 @@ class _Costs:
 class _DenseGraphBuilder:
     """One pass over the traced graph, emitting the dense network's graph."""
 
-    def __init__(self, traced: _Traced, sampling: SamplingSpec):
+    def __init__(self, traced: _Traced, sampling: SamplingSpec, phases: str = "dilated"):
+        if phases not in _PHASES:
+            raise ValueError(f"phases must be 'dilated' or 'batch', got {phases!r}")
+        self.phases = phases
         self.traced = traced
         self.modules = dict(traced.module.named_modules())
         self.default, self.requested = _parse_sampling(sampling)
@@ -250,9 +304,10 @@ class _DenseGraphBuilder:
         for node in self.spatial_size_reads:
             if self.env[node] in live:
                 raise self._unsupported(
-                    node, "it reads the spatial size of a feature map, which differs in the dense "
-                    "network. Hint: use flatten(x, 1) or x.view(x.size(0), -1)."
-                )  # fmt: skip
+                    node,
+                    "it reads the spatial size of a feature map, which differs in the dense "
+                    "network. Hint: use flatten(x, 1) or x.view(x.size(0), -1).",
+                )
 
     def _placeholder(self, node: fx.Node) -> None:
         if self.lattice:
@@ -278,7 +333,10 @@ class _DenseGraphBuilder:
                 "feature map, not one vector per patch: add a Linear head or pick the patch "
                 "size at which the map is 1x1"
             )
-        self.graph.output(self.env[result])
+        out = self.env[result]
+        if self.lattice[result].phases:  # phase-batch form: interleave the phases back
+            out = self.graph.call_function(_ops.batch_to_space, (out, self.lattice[result].phases))
+        self.graph.output(out)
 
     def _copy(self, node: fx.Node) -> None:
         if node.op == "get_attr":
@@ -292,24 +350,45 @@ class _DenseGraphBuilder:
     def _call_module(self, node: fx.Node, module: nn.Module) -> None:
         x = node.args[0]
         if isinstance(module, nn.Conv2d):
-            self._conv(node, x, f"{node.target}.weight", module.bias is not None and
-                       f"{node.target}.bias", module.stride, module.padding, module.dilation,
-                       module.groups, module.padding_mode, op="Conv2d", name=node.target)  # fmt: skip
+            self._conv(
+                node,
+                x,
+                f"{node.target}.weight",
+                module.bias is not None and f"{node.target}.bias",
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+                module.padding_mode,
+                op="Conv2d",
+                name=node.target,
+            )
         elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
             is_max = isinstance(module, nn.MaxPool2d)
             self._pool(
-                node, x, "max" if is_max else "avg", module.kernel_size,
-                module.stride, module.padding, module.dilation if is_max else 1,
-                module.ceil_mode, None if is_max else module.divisor_override,
-                op=type(module).__name__, name=node.target,
-            )  # fmt: skip
+                node,
+                x,
+                "max" if is_max else "avg",
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation if is_max else 1,
+                module.ceil_mode,
+                None if is_max else module.divisor_override,
+                op=type(module).__name__,
+                name=node.target,
+            )
         elif isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
             kind = "max" if isinstance(module, nn.AdaptiveMaxPool2d) else "avg"
             self._adaptive_pool(node, x, kind, module.output_size, name=node.target)
         elif isinstance(module, nn.Linear):
             bias = module.bias is not None and f"{node.target}.bias"
-            self._linear(node, x, self._get_attr(f"{node.target}.weight"),
-                         self._get_attr(bias) if bias else None)  # fmt: skip
+            self._linear(
+                node,
+                x,
+                self._get_attr(f"{node.target}.weight"),
+                self._get_attr(bias) if bias else None,
+            )
         elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
             self._batch_norm(node, x, module)
         elif isinstance(module, nn.Flatten):
@@ -338,10 +417,20 @@ class _DenseGraphBuilder:
             self._cat(node)
         elif target is torch.flatten:
             self._reshape_like(node, node.args[0])
-        elif target in _SOFTMAX_FUNCTIONS or target in _REDUCE_FUNCTIONS or target in (
-            F.conv2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-            F.adaptive_max_pool2d, F.linear, F.batch_norm,
-        ):  # fmt: skip
+        elif (
+            target in _SOFTMAX_FUNCTIONS
+            or target in _REDUCE_FUNCTIONS
+            or target
+            in (
+                F.conv2d,
+                F.max_pool2d,
+                F.avg_pool2d,
+                F.adaptive_avg_pool2d,
+                F.adaptive_max_pool2d,
+                F.linear,
+                F.batch_norm,
+            )
+        ):
             self._functional(node, self._normalized(node))
         else:
             raise self._unsupported(node)
@@ -349,20 +438,36 @@ class _DenseGraphBuilder:
     def _functional(self, node: fx.Node, kw: dict[str, Any]) -> None:
         target, x = node.target, kw.get("input")
         if target is F.conv2d:
-            self._conv(node, x, kw["weight"], kw.get("bias"), kw.get("stride", 1),
-                       kw.get("padding", 0), kw.get("dilation", 1), kw.get("groups", 1),
-                       "zeros", op="conv2d", name=node.name)  # fmt: skip
+            self._conv(
+                node,
+                x,
+                kw["weight"],
+                kw.get("bias"),
+                kw.get("stride", 1),
+                kw.get("padding", 0),
+                kw.get("dilation", 1),
+                kw.get("groups", 1),
+                "zeros",
+                op="conv2d",
+                name=node.name,
+            )
         elif target in (F.max_pool2d, F.avg_pool2d):
             is_max = target is F.max_pool2d
             if is_max and kw.get("return_indices"):
                 raise self._unsupported(node, "return_indices=True is not supported.")
             self._pool(
-                node, x, "max" if is_max else "avg", kw["kernel_size"],
-                kw.get("stride") or kw["kernel_size"], kw.get("padding", 0),
-                kw.get("dilation", 1) if is_max else 1, kw.get("ceil_mode", False),
+                node,
+                x,
+                "max" if is_max else "avg",
+                kw["kernel_size"],
+                kw.get("stride") or kw["kernel_size"],
+                kw.get("padding", 0),
+                kw.get("dilation", 1) if is_max else 1,
+                kw.get("ceil_mode", False),
                 None if is_max else kw.get("divisor_override"),
-                op=target.__name__ if not is_max else "max_pool2d", name=node.name,
-            )  # fmt: skip
+                op=target.__name__ if not is_max else "max_pool2d",
+                name=node.name,
+            )
         elif target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
             kind = "avg" if target is F.adaptive_avg_pool2d else "max"
             self._adaptive_pool(node, x, kind, kw["output_size"], name=node.name)
@@ -373,7 +478,9 @@ class _DenseGraphBuilder:
         elif target in _SOFTMAX_FUNCTIONS:
             self._softmax(node, x, kw.get("dim"))
         else:
-            self._reduce(node, x, _REDUCE_FUNCTIONS[target], kw.get("dim"), kw.get("keepdim", False))
+            self._reduce(
+                node, x, _REDUCE_FUNCTIONS[target], kw.get("dim"), kw.get("keepdim", False)
+            )
 
     def _call_method(self, node: fx.Node) -> None:
         method, x = node.target, node.args[0]
@@ -397,32 +504,67 @@ class _DenseGraphBuilder:
 
     # -- layers that move over space ---------------------------------------------------------
 
-    def _conv(self, node: fx.Node, x: fx.Node, weight: Any, bias: Any, stride: Any,
-              padding: Any, dilation: Any, groups: int, padding_mode: str, *, op: str,
-              name: str) -> None:  # fmt: skip
+    def _conv(
+        self,
+        node: fx.Node,
+        x: fx.Node,
+        weight: Any,
+        bias: Any,
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        groups: int,
+        padding_mode: str,
+        *,
+        op: str,
+        name: str,
+    ) -> None:
         weight_node = self._get_attr(weight) if isinstance(weight, str) else self.env[weight]
         bias_node = None
         if isinstance(bias, str):
             bias_node = self._get_attr(bias)
         elif isinstance(bias, fx.Node):
             bias_node = self.env[bias]
-        weight_shape = _shape(weight) if isinstance(weight, fx.Node) else tuple(
-            _fetch_attr(self.traced.module, weight).shape)  # fmt: skip
+        weight_shape = (
+            _shape(weight)
+            if isinstance(weight, fx.Node)
+            else tuple(_fetch_attr(self.traced.module, weight).shape)
+        )
         assert weight_shape is not None
         kernel = (weight_shape[2], weight_shape[3])
         dilation = pair(dilation)
         pad = _padding4(padding, kernel, dilation, node, self)
         self._spatial(
-            node, x, kernel=kernel, own_dilation=dilation, stride=pair(stride), padding=pad,
-            op=op, name=name, macs_per_position=float(torch.Size(weight_shape).numel()),
+            node,
+            x,
+            kernel=kernel,
+            own_dilation=dilation,
+            stride=pair(stride),
+            padding=pad,
+            op=op,
+            name=name,
+            macs_per_position=float(torch.Size(weight_shape).numel()),
             emit=lambda x_new, st, dil, pd: self.graph.call_function(
-                _ops.dense_conv2d, (x_new, weight_node, bias_node, st, dil, pd, padding_mode,
-                                    groups)),
-        )  # fmt: skip
+                _ops.dense_conv2d,
+                (x_new, weight_node, bias_node, st, dil, pd, padding_mode, groups),
+            ),
+        )
 
-    def _pool(self, node: fx.Node, x: fx.Node, kind: str, kernel: Any, stride: Any,
-              padding: Any, dilation: Any, ceil_mode: bool, divisor: int | None, *, op: str,
-              name: str) -> None:  # fmt: skip
+    def _pool(
+        self,
+        node: fx.Node,
+        x: fx.Node,
+        kind: str,
+        kernel: Any,
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        ceil_mode: bool,
+        divisor: int | None,
+        *,
+        op: str,
+        name: str,
+    ) -> None:
         kernel, dilation = pair(kernel), pair(dilation)
         stride = pair(stride if stride not in (None, (), []) else kernel)
         pad = _padding4(padding, kernel, dilation, node, self)
@@ -430,46 +572,102 @@ class _DenseGraphBuilder:
             in_shape, out_shape = _shape(x), _shape(node)
             assert in_shape is not None and out_shape is not None
             floor = [
-                (in_shape[2 + a] + pad[2 - 2 * a] + pad[3 - 2 * a] - (kernel[a] - 1) * dilation[a]
-                 - 1) // stride[a] + 1 for a in (0, 1)
-            ]  # fmt: skip
+                (
+                    in_shape[2 + a]
+                    + pad[2 - 2 * a]
+                    + pad[3 - 2 * a]
+                    - (kernel[a] - 1) * dilation[a]
+                    - 1
+                )
+                // stride[a]
+                + 1
+                for a in (0, 1)
+            ]
             if tuple(floor) != out_shape[2:]:
                 self._mark_inexact(f"{name}: ceil_mode pooling reads a partial window")
         count = None if divisor is None else float(divisor)
         self._spatial(
-            node, x, kernel=kernel, own_dilation=dilation, stride=stride, padding=pad, op=op,
-            name=name, macs_per_position=0.0,
+            node,
+            x,
+            kernel=kernel,
+            own_dilation=dilation,
+            stride=stride,
+            padding=pad,
+            op=op,
+            name=name,
+            macs_per_position=0.0,
             emit=lambda x_new, st, dil, pd: self.graph.call_function(
-                _ops.dense_pool2d, (x_new, kind, kernel, dil, st, pd, count)),
-        )  # fmt: skip
+                _ops.dense_pool2d, (x_new, kind, kernel, dil, st, pd, count)
+            ),
+        )
 
-    def _adaptive_pool(self, node: fx.Node, x: fx.Node, kind: str, output_size: Any,
-                       name: str) -> None:  # fmt: skip
+    def _adaptive_pool(
+        self, node: fx.Node, x: fx.Node, kind: str, output_size: Any, name: str
+    ) -> None:
         in_shape, out_shape = _shape(x), _shape(node)
         assert in_shape is not None and out_shape is not None
         size_in, size_out = in_shape[2:], out_shape[2:]
         if any(i % o for i, o in zip(size_in, size_out, strict=True)):
             raise self._unsupported(
-                node, f"adaptive pooling of a {size_in} map to {size_out} has uneven windows. "
-                "Hint: choose a patch size at which the map divides evenly, or pool to 1x1."
-            )  # fmt: skip
+                node,
+                f"adaptive pooling of a {size_in} map to {size_out} has uneven windows. "
+                "Hint: choose a patch size at which the map divides evenly, or pool to 1x1.",
+            )
         window = (size_in[0] // size_out[0], size_in[1] // size_out[1])
-        self._pool(node, x, kind, window, window, 0, 1, False, None,
-                   op=f"Adaptive{kind.capitalize()}Pool2d", name=name)  # fmt: skip
+        self._pool(
+            node,
+            x,
+            kind,
+            window,
+            window,
+            0,
+            1,
+            False,
+            None,
+            op=f"Adaptive{kind.capitalize()}Pool2d",
+            name=name,
+        )
 
     def _reduce(self, node: fx.Node, x: fx.Node, kind: str, dim: Any, keepdim: bool) -> None:
         """mean / amax / sum over both spatial axes: a global pooling head."""
         in_shape = _shape(x)
         dims = dim if isinstance(dim, list | tuple) else [dim]
-        if in_shape is None or len(in_shape) != 4 or None in dims or {d % 4 for d in dims} != {2, 3}:
+        if (
+            in_shape is None
+            or len(in_shape) != 4
+            or None in dims
+            or {d % 4 for d in dims} != {2, 3}
+        ):
             raise self._unsupported(node, "only reductions over both spatial dims are supported.")
         window: Pair = (in_shape[2], in_shape[3])
-        self._pool(node, x, "max" if kind == "max" else "avg", window, window, 0, 1, False,
-                   1 if kind == "sum" else None, op=f"{kind}(dim=(2, 3))", name=node.name)  # fmt: skip
+        self._pool(
+            node,
+            x,
+            "max" if kind == "max" else "avg",
+            window,
+            window,
+            0,
+            1,
+            False,
+            1 if kind == "sum" else None,
+            op=f"{kind}(dim=(2, 3))",
+            name=node.name,
+        )
 
-    def _spatial(self, node: fx.Node, x: fx.Node, *, kernel: Pair, own_dilation: Pair,
-                 stride: Pair, padding: tuple[int, int, int, int], op: str, name: str,
-                 macs_per_position: float, emit: Callable[..., fx.Node]) -> None:  # fmt: skip
+    def _spatial(
+        self,
+        node: fx.Node,
+        x: fx.Node,
+        *,
+        kernel: Pair,
+        own_dilation: Pair,
+        stride: Pair,
+        padding: tuple[int, int, int, int],
+        op: str,
+        name: str,
+        macs_per_position: float,
+        emit: Callable[..., fx.Node],
+    ) -> None:
         """Emit a layer that slides a window: conv or pooling."""
         lattice = self._spatial_lattice(node, x)
         out_shape = _shape(node)
@@ -481,41 +679,68 @@ class _DenseGraphBuilder:
         sampling = "all"
         if stride != (1, 1):
             sampling = self.requested.get(name, self.default)
-            self.layers.append(StridingLayer(name, op, kernel, stride, sampling))  # type: ignore[arg-type]
+            self.layers.append(StridingLayer(name, op, kernel, stride, sampling))
         dense_stride: Pair = (1, 1) if sampling == "all" else stride
         out_lattice = lattice.densified(stride) if sampling == "all" else lattice.strided(stride)
-        d = lattice.dilation
+        d = self._emitted_dilation(lattice)
         dilation = (own_dilation[0] * d[0], own_dilation[1] * d[1])
         left, right, top, bottom = padding
         dense_padding = (left * d[1], right * d[1], top * d[0], bottom * d[0])
         self.env[node] = emit(self.env[x], dense_stride, dilation, dense_padding)
+        if self.phases == "batch" and stride != (1, 1):
+            out_lattice = self._to_phase_batch(node, name, lattice, out_lattice, sampling, stride)
         self.lattice[node] = out_lattice
         total = lattice.total_stride
         rf = self.receptive[x]
         self.receptive[node] = tuple(  # type: ignore[assignment]
-            rf[a] + (kernel[a] - 1) * own_dilation[a] * total[a] for a in (0, 1))
+            rf[a] + (kernel[a] - 1) * own_dilation[a] * total[a] for a in (0, 1)
+        )
         step = out_lattice.step
         self.costs.macs_per_pixel += macs_per_position / (step[0] * step[1])
         self.costs.macs_per_patch += macs_per_position * out_size[0] * out_size[1]
+
+    def _emitted_dilation(self, lattice: Lattice) -> Pair:
+        """Dilation of the emitted kernels: none in phase-batch form (each phase is compact)."""
+        return lattice.dilation if self.phases == "dilated" else (1, 1)
+
+    def _to_phase_batch(
+        self, node: fx.Node, name: str, before: Lattice, after: Lattice, sampling: str, stride: Pair
+    ) -> Lattice:
+        """Phase-batch form: move the phases of a densified layer into the batch."""
+        if sampling == "none":
+            if before.phases:
+                raise self._unsupported(
+                    node,
+                    f"with phases='batch', layer {name} cannot stay strided after a "
+                    "densified layer (the samples would not form a lattice). Hint: use "
+                    "phases='dilated' (the default).",
+                )
+            return after
+        self.env[node] = self.graph.call_function(_ops.space_to_batch, (self.env[node], stride))
+        return replace(after, phases=(*before.phases, stride))
 
     def _linear(self, node: fx.Node, x: fx.Node, weight: fx.Node, bias: fx.Node | None) -> None:
         lattice = self.lattice[x]
         in_shape = _shape(x)
         if lattice.flattened is not None:
-            kernel: Pair = lattice.flattened[1:]  # type: ignore[assignment]
+            kernel: Pair = lattice.flattened[1:]
         elif in_shape is not None and len(in_shape) == 2:
             kernel = (1, 1)
         else:
             raise self._unsupported(
-                node, "Linear acts on the last (spatial) axis of a feature map here. Hint: "
+                node,
+                "Linear acts on the last (spatial) axis of a feature map here. Hint: "
                 "flatten the map first (torch.flatten(x, 1)), or use a 1x1 Conv2d.",
-            )  # fmt: skip
+            )
         self.env[node] = self.graph.call_function(
-            _ops.linear_as_conv2d, (self.env[x], weight, bias, kernel, lattice.dilation))
-        self.lattice[node] = Lattice(lattice.dilation, lattice.step)
+            _ops.linear_as_conv2d,
+            (self.env[x], weight, bias, kernel, self._emitted_dilation(lattice)),
+        )
+        self.lattice[node] = replace(lattice, flattened=None)
         rf, total = self.receptive[x], lattice.total_stride
         self.receptive[node] = tuple(  # type: ignore[assignment]
-            rf[a] + (kernel[a] - 1) * total[a] for a in (0, 1))
+            rf[a] + (kernel[a] - 1) * total[a] for a in (0, 1)
+        )
         out_shape = _shape(node)
         assert out_shape is not None
         macs = float(out_shape[1] * (in_shape[1] if in_shape else 0))
@@ -530,21 +755,22 @@ class _DenseGraphBuilder:
         env = dict(self.env)
         if len(dense_args) > 1:
             aligned = self.graph.call_function(
-                _ops.align_spatial, tuple(self.env[a] for a in dense_args))
+                _ops.align_spatial, tuple(self.env[a] for a in dense_args)
+            )
             for i, arg in enumerate(dense_args):
                 env[arg] = self.graph.call_function(operator.getitem, (aligned, i))
         for arg in node.all_input_nodes:
             if arg not in self.lattice and _shape(arg):
-                env[arg] = self._broadcastable(node, arg, vector=_is_vector(dense_args[0]),
-                                               lattice=lattice)  # fmt: skip
+                env[arg] = self._broadcastable(
+                    node, arg, vector=_is_vector(dense_args[0]), lattice=lattice
+                )
         if node.op == "call_module":
             self.attrs[node.target] = self.modules[node.target]
         self.env[node] = self.graph.node_copy(node, lambda n: env[n])
         self.lattice[node] = lattice
         self.receptive[node] = _max_pair(self.receptive[a] for a in dense_args)
 
-    def _broadcastable(self, node: fx.Node, arg: fx.Node, *, vector: bool,
-                       lattice: Lattice) -> Any:  # fmt: skip
+    def _broadcastable(self, node: fx.Node, arg: fx.Node, *, vector: bool, lattice: Lattice) -> Any:
         """A constant operand of an elementwise op, made to broadcast over dense tensors.
 
         Over a map (N, C, h, w), per-channel constants (C, 1, 1) broadcast unchanged. Over a
@@ -559,29 +785,38 @@ class _DenseGraphBuilder:
             return self.graph.call_method("reshape", (self.env[arg], (*shape, 1, 1)))
         if len(shape) >= 2 and shape[-2:] != (1, 1):
             raise self._unsupported(
-                node, f"it combines a feature map with a constant of spatial shape {shape[-2:]}, "
-                "which has no dense equivalent.")  # fmt: skip
+                node,
+                f"it combines a feature map with a constant of spatial shape {shape[-2:]}, "
+                "which has no dense equivalent.",
+            )
         return self.env[arg]
 
     def _batch_norm(self, node: fx.Node, x: fx.Node, source: nn.Module | dict[str, Any]) -> None:
         if self.lattice[x].flattened is not None:
-            raise self._unsupported(node, "BatchNorm1d of a flattened feature map is not supported.")
+            raise self._unsupported(
+                node, "BatchNorm1d of a flattened feature map is not supported."
+            )
         keys = ("running_mean", "running_var", "weight", "bias")
         if isinstance(source, nn.Module):
             tensors = [getattr(source, key) for key in keys]
-            args = [None if t is None else self._get_attr(f"{node.target}.{key}")
-                    for key, t in zip(keys, tensors, strict=True)]  # fmt: skip
+            args = [
+                None if t is None else self._get_attr(f"{node.target}.{key}")
+                for key, t in zip(keys, tensors, strict=True)
+            ]
             eps = source.eps
         else:
             args = [_env_or_none(self.env, source.get(key)) for key in keys]
             eps = source.get("eps", 1e-5)
         if args[0] is None or args[1] is None:
             raise self._unsupported(
-                node, "batch norm without running statistics normalises over the whole map. "
-                "Hint: keep track_running_stats=True.")  # fmt: skip
+                node,
+                "batch norm without running statistics normalises over the whole map. "
+                "Hint: keep track_running_stats=True.",
+            )
         # F.batch_norm normalises dim 1 of (N, C, *): right for maps and for channel vectors.
         self.env[node] = self.graph.call_function(
-            F.batch_norm, (self.env[x], *args), {"training": False, "eps": eps})
+            F.batch_norm, (self.env[x], *args), {"training": False, "eps": eps}
+        )
         self._same_lattice(node, x)
 
     def _softmax(self, node: fx.Node, x: fx.Node, dim: Any) -> None:
@@ -622,14 +857,15 @@ class _DenseGraphBuilder:
             raise self._unsupported(node)
         if len(before) == 4 and len(after) == 2 and after[1] == before[1] * before[2] * before[3]:
             flattened = before[1:] if before[2:] != (1, 1) else None
-            self.lattice[node] = Lattice(lattice.dilation, lattice.step, flattened)  # type: ignore[arg-type]
+            self.lattice[node] = replace(lattice, flattened=flattened)
         elif before[1:] in ((after[1],), (after[1], 1, 1)) and after[2:] in ((), (1, 1)):
             self.lattice[node] = lattice  # (N, K) <-> (N, K, 1, 1): same dense tensor
         else:
             raise self._unsupported(
-                node, f"it reshapes {tuple(before)} to {tuple(after)}; only flattening a map to "
+                node,
+                f"it reshapes {tuple(before)} to {tuple(after)}; only flattening a map to "
                 "(N, features) or a vector to (N, K, 1, 1) is supported.",
-            )  # fmt: skip
+            )
         self.env[node] = self.env[x]
         self.receptive[node] = self.receptive[x]
 
@@ -645,14 +881,18 @@ class _DenseGraphBuilder:
         if len(lattices) > 1:
             sampled = {layer.name: layer.sampling for layer in self.layers}
             described = "; ".join(
-                f"{b.name} after " + (", ".join(f"{n}={sampled[n]}" for n in
-                                                 sorted(self.upstream[b])) or "no striding layer")
+                f"{b.name} after "
+                + (
+                    ", ".join(f"{n}={sampled[n]}" for n in sorted(self.upstream[b]))
+                    or "no striding layer"
+                )
                 for b in branches
-            )  # fmt: skip
+            )
             raise self._unsupported(
-                node, f"it joins branches sampled differently ({described}). Hint: densify the "
+                node,
+                f"it joins branches sampled differently ({described}). Hint: densify the "
                 "striding layers of all joined branches alike.",
-            )  # fmt: skip
+            )
         return lattices.pop()
 
     def _same_lattice(self, node: fx.Node, x: fx.Node) -> None:
@@ -671,8 +911,9 @@ class _DenseGraphBuilder:
         return self.graph.get_attr(target)
 
     def _normalized(self, node: fx.Node) -> dict[str, Any]:
-        normalized = node.normalized_arguments(self.traced.module,
-                                               normalize_to_only_use_kwargs=True)  # fmt: skip
+        normalized = node.normalized_arguments(
+            self.traced.module, normalize_to_only_use_kwargs=True
+        )
         if normalized is None:
             raise self._unsupported(node, "its arguments could not be read; pass them by name.")
         return dict(normalized.kwargs)
@@ -715,9 +956,7 @@ class _DenseGraphBuilder:
         else:
             what = f"function {getattr(node.target, '__name__', node.target)}()"
         reason = why or f"it has no exact dense equivalent. {_SUPPORTED}"
-        return UnsupportedLayerError(
-            f"cannot densify node '{node.name}' ({what}{where}): {reason}"
-        )
+        return UnsupportedLayerError(f"cannot densify node '{node.name}' ({what}{where}): {reason}")
 
 
 def _parse_sampling(sampling: SamplingSpec) -> tuple[Sampling, dict[str, Sampling]]:
@@ -730,11 +969,12 @@ def _parse_sampling(sampling: SamplingSpec) -> tuple[Sampling, dict[str, Samplin
     for name, value in sampling.items():
         if value not in _SAMPLINGS:
             raise ValueError(f"sampling of layer {name!r} must be 'all' or 'none', got {value!r}")
-    return "none", dict(sampling)  # type: ignore[arg-type]
+    return "none", dict(sampling)
 
 
-def _padding4(padding: Any, kernel: Pair, dilation: Pair, node: fx.Node,
-              builder: _DenseGraphBuilder) -> tuple[int, int, int, int]:  # fmt: skip
+def _padding4(
+    padding: Any, kernel: Pair, dilation: Pair, node: fx.Node, builder: _DenseGraphBuilder
+) -> tuple[int, int, int, int]:
     """Padding as (left, right, top, bottom) in patch-network units; marks padding inexact."""
     if padding == "valid":
         return (0, 0, 0, 0)
@@ -782,8 +1022,10 @@ def _max_pair(pairs: Iterable[Pair]) -> Pair:
 # --------------------------------------------------------------------------------------------
 
 
-def _build(traced: _Traced, sampling: SamplingSpec) -> tuple[fx.GraphModule, DensePlan]:
-    builder = _DenseGraphBuilder(traced, sampling)
+def _build(
+    traced: _Traced, sampling: SamplingSpec, phases: str = "dilated"
+) -> tuple[fx.GraphModule, DensePlan]:
+    builder = _DenseGraphBuilder(traced, sampling, phases)
     network = fx.GraphModule(builder.attrs, builder.build(), class_name="DenseNetwork")
     network.graph.eliminate_dead_code()
     builder.check_live(network.graph)
@@ -822,13 +1064,16 @@ def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
             choice: _build(traced, {**plan.sampling, **dict.fromkeys(group, choice)})[1]
             for choice in _SAMPLINGS
         }
-        layers.append(replace(
-            layer,
-            added_macs_per_pixel=variants["all"].macs_per_pixel - variants["none"].macs_per_pixel,
-            added_bytes_per_megapixel=(
-                variants["all"].bytes_per_megapixel - variants["none"].bytes_per_megapixel
-            ),
-        ))  # fmt: skip
+        layers.append(
+            replace(
+                layer,
+                added_macs_per_pixel=variants["all"].macs_per_pixel
+                - variants["none"].macs_per_pixel,
+                added_bytes_per_megapixel=(
+                    variants["all"].bytes_per_megapixel - variants["none"].bytes_per_megapixel
+                ),
+            )
+        )
     return replace(plan, layers=tuple(layers))
 
 
@@ -862,6 +1107,7 @@ def densify(
     patch_size: int | tuple[int, int],
     *,
     sampling: SamplingSpec = "all",
+    phases: str = "dilated",
     in_channels: int | None = None,
 ) -> DenseClassifier:
     """Convert a patch classifier into a network that evaluates it at every pixel in one pass.
@@ -878,6 +1124,11 @@ def densify(
         pixel), ``"none"`` (simple: fully convolutional, one output per ``output_stride``
         pixels), or a mapping ``{layer name: "all" | "none"}`` (custom; layers not named are
         ``"none"``). Names are those of :func:`explain`.
+    phases
+        How the phases of densified layers are carried, same result either way:
+        ``"dilated"`` (default; later kernels dilated, "à trous") or ``"batch"`` (FDFE's
+        space-to-batch: phases moved into the batch dimension and unwarped at the end; no layer
+        may stay strided after a densified one). See README "Performance" for measurements.
     in_channels
         Input channels, when the model has no ``Conv2d`` to read them from.
 
@@ -895,12 +1146,13 @@ def densify(
         evaluation (``exact`` is then False).
     """
     traced = _trace(model, patch_size, in_channels)
-    network, plan = _build(traced, sampling)
+    network, plan = _build(traced, sampling, phases)
     plan = _plan_with_costs(traced, plan)
     if not plan.exact:
         warnings.warn(
-            "the dense network is not exact: " + "; ".join(plan.inexact_reasons)
+            "the dense network is not exact: "
+            + "; ".join(plan.inexact_reasons)
             + ". Use napari_dense.compare / reference.patchwise to measure the deviation.",
             stacklevel=2,
-        )  # fmt: skip
+        )
     return DenseClassifier(network, plan)

@@ -23,7 +23,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:1'") from err
+        raise InputError(
+            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:1'"
+        ) from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
     return resolved

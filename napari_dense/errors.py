@@ -6,7 +6,7 @@ __all__ = ["InputError", "NapariDenseError", "PatchSizeError", "UnsupportedLayer
 
 
 class NapariDenseError(Exception):
-    """Base class of every error napari-dense raises on purpose (the CLI prints these as one line)."""
+    """Base of every error napari-dense raises on purpose (the CLI prints these as one line)."""
 
 
 class UnsupportedLayerError(NapariDenseError, TypeError):

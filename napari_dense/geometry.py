@@ -6,7 +6,7 @@ patch network
     The user's classifier applied to one ``Ph × Pw`` patch.
 dense tensor
     A feature map of the dense network. Index ``(y, x)`` of a dense tensor holds what the patch
-    network computes for the patch whose top-left corner is at input pixel ``(y * step_y, x * step_x)``.
+    network computes for the patch whose top-left corner is at pixel ``(y * step_y, x * step_x)``.
 lattice
     How a dense tensor relates to the patch network (see :class:`Lattice`).
 """
@@ -53,11 +53,15 @@ class Lattice:
     flattened
         ``(C, h, w)`` when the patch network has flattened its ``C × h × w`` map into a vector that
         a ``Linear`` layer has not consumed yet; the dense tensor keeps the map unflattened.
+    phases
+        In phase-batch form only: the strides whose phases were moved into the batch dimension,
+        in order (the batch is ``(phases of the last, ..., phases of the first, N)``).
     """
 
     dilation: Pair = (1, 1)
     step: Pair = (1, 1)
     flattened: tuple[int, int, int] | None = None
+    phases: tuple[Pair, ...] = ()
 
     def densified(self, stride: Pair) -> Lattice:
         """Lattice after a layer of ``stride`` evaluated at every phase (stride 1, dilated)."""

@@ -17,18 +17,22 @@ def _model(name: str) -> tuple[torch.nn.Module, tuple[int, int], int, tuple[int,
     return randomize_batchnorm(factory()), patch, channels, size
 
 
+@pytest.mark.parametrize("phases", ["dilated", "batch"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_densify_equals_oracle(name: str, batch: int) -> None:
+def test_densify_equals_oracle(name: str, batch: int, phases: str) -> None:
     model, patch, channels, size = _model(name)
-    dense = nd.densify(model, patch)
+    dense = nd.densify(model, patch, phases=phases)
     assert dense.exact and dense.output_stride == (1, 1)
     x = torch.rand(batch, channels, *size)
     with torch.no_grad():
         out = dense(x).numpy()
     expected = oracle_valid(model, x, patch)
-    assert out.shape == expected.shape == (batch, dense.num_classes, size[0] - patch[0] + 1,
-                                           size[1] - patch[1] + 1)  # fmt: skip
+    assert (
+        out.shape
+        == expected.shape
+        == (batch, dense.num_classes, size[0] - patch[0] + 1, size[1] - patch[1] + 1)
+    )
     np.testing.assert_allclose(out, expected, atol=ATOL, rtol=0)
 
 
@@ -80,17 +84,23 @@ def test_simple_bilinear_interpolates_between_lattice_points() -> None:
 
 @pytest.mark.parametrize(
     ("name", "densified"),
-    [("fdfe15", ["2"]), ("fdfe15", ["5"]), ("residual_add", ["pool"]), ("vgg64", ["6", "20"]),
-     ("strided_convs", ["2"])],
-)  # fmt: skip
+    [
+        ("fdfe15", ["2"]),
+        ("fdfe15", ["5"]),
+        ("residual_add", ["pool"]),
+        ("vgg64", ["6", "20"]),
+        ("strided_convs", ["2"]),
+    ],
+)
 def test_custom_sampling_is_exact_on_its_lattice(name: str, densified: list[str]) -> None:
     model, patch, channels, size = _model(name)
     plan = nd.explain(model, patch)
     names = [layer.name for layer in plan.layers]
     sampling = {layer: ("all" if layer in densified else "none") for layer in names}
     dense = nd.densify(model, patch, sampling=sampling)
-    expected_stride = np.prod([lay.stride for lay in plan.layers if lay.name not in densified],
-                              axis=0)  # fmt: skip
+    expected_stride = np.prod(
+        [lay.stride for lay in plan.layers if lay.name not in densified], axis=0
+    )
     assert dense.output_stride == tuple(expected_stride)
     x = torch.rand(2, channels, size[0] + 7, size[1] + 4)
     with torch.no_grad():
@@ -124,8 +134,11 @@ def test_plan_lists_striding_layers_and_costs() -> None:
     assert simple.output_stride == (8, 8)
     assert simple.macs_per_pixel < plan.macs_per_pixel / 10
     # With everything densified each weight is used once per pixel: MACs/px == sum of weights.
-    weights = sum(m.weight.numel() for m in model.modules()
-                  if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))  # fmt: skip
+    weights = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    )
     assert plan.macs_per_pixel == weights
     assert "MaxPool2d" in str(plan) and plan.as_dict()["patch_size"] == (64, 64)
 
@@ -167,3 +180,16 @@ def test_shift_and_stitch_baseline_equals_oracle(name: str) -> None:
     image = np.random.rand(channels, 19, 22).astype(np.float32)
     out = shift_and_stitch(image, model, patch, channel_axis=0)
     np.testing.assert_allclose(out, patchwise(image, model, patch, channel_axis=0), atol=ATOL)
+
+
+def test_phase_batch_form_refuses_strided_after_densified() -> None:
+    model, patch, _, _ = _model("fdfe15")
+    with pytest.raises(nd.UnsupportedLayerError, match="phases='dilated'"):
+        nd.densify(model, patch, sampling={"2": "all"}, phases="batch")
+    # Strided first, densified after: still a lattice, still exact.
+    dense = nd.densify(model, patch, sampling={"5": "all"}, phases="batch")
+    x = torch.rand(1, 1, 30, 27)
+    with torch.no_grad():
+        out = dense(x).numpy()
+    assert dense.output_stride == (2, 2)
+    np.testing.assert_allclose(out, oracle_valid(model, x, patch)[:, :, ::2, ::2], atol=ATOL)
