@@ -1029,6 +1029,7 @@ def _build(
     network = fx.GraphModule(builder.attrs, builder.build(), class_name="DenseNetwork")
     network.graph.eliminate_dead_code()
     builder.check_live(network.graph)
+    _relu_in_place(network)
     network.graph.lint()
     network.recompile()
     output = next(n for n in traced.module.graph.nodes if n.op == "output").args[0]
@@ -1050,6 +1051,35 @@ def _build(
         inexact_reasons=tuple(builder.inexact),
     )
     return network, plan
+
+
+_FRESH_OUTPUTS = {_ops.dense_conv2d, _ops.linear_as_conv2d, F.batch_norm, _ops.crop_cat}
+
+
+def _relu_in_place(network: fx.GraphModule) -> None:
+    """Apply ReLUs in place where their input is a fresh tensor nobody else reads.
+
+    Dense maps are large: on CPU, an extra full-size allocation per ReLU costs ~15% of the time.
+    """
+    modules = dict(network.named_modules())
+    for node in list(network.graph.nodes):
+        is_relu = (
+            (node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU)
+            or (node.op == "call_function" and node.target in (F.relu, torch.relu))
+            or (node.op == "call_method" and node.target == "relu")
+        )
+        source = node.args[0] if node.args else None
+        if (
+            is_relu
+            and isinstance(source, fx.Node)
+            and source.op == "call_function"
+            and source.target in _FRESH_OUTPUTS
+            and len(source.users) == 1
+        ):
+            with network.graph.inserting_after(node):
+                in_place = network.graph.call_function(torch.relu_, (source,))
+            node.replace_all_uses_with(in_place)
+            network.graph.erase_node(node)
 
 
 def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
