@@ -54,24 +54,27 @@ def _cmd_explain(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from skimage import data
+    from skimage import color, data
 
     from .compare import compare_modes
     from .convert import explain
 
-    model, patch, _ = _builtin_net(args.net)
+    model, patch, channels = _builtin_net(args.net)
     image = data.immunohistochemistry()[: args.size, : args.size].astype(np.float32) / 255
+    if channels == 1:
+        image = color.rgb2gray(image).astype(np.float32)
     first_layer = explain(model, patch).layers[0].name
     print(
         f"napari-dense demo: the {args.net} benchmark net on scikit-image's "
-        f"immunohistochemistry image {image.shape[0]}x{image.shape[1]} (RGB, scaled to 0-1)\n"
+        f"immunohistochemistry image {image.shape[0]}x{image.shape[1]} "
+        f"({'grey' if channels == 1 else 'RGB'}, scaled to 0-1)\n"
     )
     print(explain(model, patch).to_markdown(), "\n")
     comparison = compare_modes(
         image,
         model,
         patch,
-        channel_axis=-1,
+        channel_axis=None if channels == 1 else -1,
         device=args.device,
         modes=("simple", {first_layer: "all"}, "shift-and-stitch", "advanced"),
     )
