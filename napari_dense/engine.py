@@ -1,0 +1,434 @@
+"""Tiled dense inference over images of any size, in constant memory.
+
+:func:`iter_predict` is a generator yielding one :class:`TileResult` per tile: the unit of progress
+and of cancellation for the CLI and the GUI (closing the generator stops after the current tile).
+:func:`predict_to_zarr` drains it into an OME-Zarr store (see :mod:`napari_dense.store`) that
+survives cancellation and crashes.
+
+Per tile: the input window (the tile plus a patch-sized halo, gathered through the plan's border
+index maps) is read in a background thread while the previous tile computes; the dense network
+runs on the device; lattice samples are interpolated when the output stride is above 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .convert import densify
+from .dense import DenseClassifier
+from .device import resolve_device
+from .errors import InputError, NapariDenseError
+from .predict import sampling_of_mode, upsample_lattice
+from .sources import ImageSource, open_image
+from .tiling import Tile, TilePlan, plan_tiles
+
+__all__ = [
+    "PRECISIONS",
+    "TileResult",
+    "TiledPredictor",
+    "auto_tile_size",
+    "iter_predict",
+    "resolve_classifier",
+]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+
+#: Called with the input window shape (rows, cols) before each forward pass; may raise
+#: ``torch.OutOfMemoryError``. Lets tests force the out-of-memory fallback on a CPU.
+MemoryCheck = Callable[[tuple[int, int]], None]
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """One computed tile.
+
+    Attributes
+    ----------
+    index, total
+        Position of this tile in the run and number of tiles the run computes.
+    leading
+        Indices of the Z/T axes of the plane (empty for 2-D images).
+    tile
+        The output box (``tile.box == (y0, y1, x0, x1)``).
+    probabilities
+        ``(K, y1 - y0, x1 - x0)`` float32.
+    read_seconds, compute_seconds
+        Reading the input window (overlapped with the previous tile's compute) and computing.
+    peak_device_bytes
+        Peak CUDA memory of this tile (0 on CPU/MPS).
+    """
+
+    index: int
+    total: int
+    leading: tuple[int, ...]
+    tile: Tile
+    probabilities: np.ndarray
+    read_seconds: float
+    compute_seconds: float
+    peak_device_bytes: int = 0
+
+    @property
+    def megapixels_per_second(self) -> float:
+        """Output megapixels of this tile per second of compute."""
+        height, width = self.tile.shape
+        return height * width / 1e6 / max(self.compute_seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class ClassifierSetup:
+    """A dense classifier and what the engine applies around it (from model metadata)."""
+
+    dense: DenseClassifier
+    class_names: tuple[str, ...]
+    normalisation: Mapping[str, Any] | None = None
+    activation: str = "none"
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+
+def resolve_classifier(
+    model: Any,
+    patch_size: int | tuple[int, int] | None = None,
+    *,
+    mode: str | Mapping[str, str] = "advanced",
+    normalisation: Mapping[str, Any] | None = None,
+    activation: str | None = None,
+    class_names: Iterable[str] | None = None,
+) -> ClassifierSetup:
+    """Turn what the user gave (module, dense classifier, loaded file, path) into a setup.
+
+    Metadata of a loaded model file (``napari_dense.model_files.load_classifier``) provides the
+    patch size, normalisation, activation and class names unless given here.
+    """
+    provenance: dict[str, Any] = {}
+    if isinstance(model, str | os.PathLike):
+        from .model_files import load_classifier
+
+        model = load_classifier(model)
+    metadata = getattr(model, "metadata", None)
+    if metadata is not None:  # a LoadedClassifier
+        provenance = {"model_path": str(model.path), "model_sha256": model.sha256}
+        patch_size = patch_size or metadata.patch_size
+        normalisation = normalisation if normalisation is not None else metadata.normalisation
+        activation = activation or metadata.activation
+        class_names = class_names or metadata.class_names
+        model = model.module
+    if isinstance(model, DenseClassifier):
+        dense = model
+    elif isinstance(model, nn.Module) or hasattr(model, "graph_module"):
+        if patch_size is None:
+            raise InputError("patch_size is required to convert a patch classifier")
+        dense = densify(model, patch_size, sampling=sampling_of_mode(mode))
+    else:
+        raise InputError(f"model must be a torch module or a model file, got {type(model)}")
+    activation = activation or "none"
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    names = tuple(class_names) if class_names else ()
+    if names and len(names) != dense.num_classes:
+        raise InputError(
+            f"{len(names)} class names given for a model with {dense.num_classes} outputs"
+        )
+    names = names or tuple(f"class {k}" for k in range(dense.num_classes))
+    return ClassifierSetup(dense, names, normalisation, activation, provenance)
+
+
+def auto_tile_size(dense: DenseClassifier, device: torch.device, budget_bytes: int | None) -> int:
+    """Largest tile side whose estimated peak memory fits the budget.
+
+    The budget defaults to half the free GPU memory, or on CPU a quarter of the available host
+    memory capped at 2 GiB (larger tiles bring no speed on CPU). The estimate is the plan's peak
+    activation memory per pixel, doubled for convolution workspaces and reduced-precision copies.
+    """
+    if budget_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = free // 2
+        else:
+            budget_bytes = min(_available_host_bytes() // 4, 2 * 2**30)
+    bytes_per_pixel = 2 * dense.plan.bytes_per_megapixel / 1e6
+    side = int(math.sqrt(budget_bytes / max(bytes_per_pixel, 1.0)))
+    side -= max(dense.patch_size)  # the halo is read and computed too
+    largest = 2048 if device.type == "cuda" else 1024
+    stride = max(dense.output_stride)
+    return max(min(side, largest) // stride * stride, stride, 64 // stride * stride)
+
+
+def _available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return 8 * 2**30
+
+
+class TiledPredictor:
+    """A dense classifier bound to one image and one tile plan (plan once, run many tiles).
+
+    Parameters
+    ----------
+    source
+        The image (:func:`napari_dense.sources.open_image`).
+    setup
+        The classifier (:func:`resolve_classifier`).
+    device, precision, border, interpolation
+        As in :func:`iter_predict`.
+    tile
+        Output pixels per tile side (or ``(ty, tx)``); None chooses from ``memory_budget``.
+    memory_check
+        Test hook, see :data:`MemoryCheck`.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        setup: ClassifierSetup,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "float32",
+        border: str = "reflect",
+        interpolation: str = "bilinear",
+        tile: int | tuple[int, int] | None = None,
+        memory_budget: int | None = None,
+        memory_check: MemoryCheck | None = None,
+    ):
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if interpolation not in ("bilinear", "nearest"):
+            raise InputError(f"interpolation must be 'bilinear' or 'nearest': {interpolation!r}")
+        if source.channels != setup.dense.in_channels:
+            raise InputError(
+                f"the model expects {setup.dense.in_channels} channel(s), the image has "
+                f"{source.channels}; pass channel_axis=... or convert the image"
+            )
+        self.source = source
+        self.setup = setup
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.interpolation = interpolation
+        self.memory_check = memory_check
+        self.dense = setup.dense.to(self.device).eval()  # moved once
+        tile = tile or auto_tile_size(self.dense, self.device, memory_budget)
+        self.plan: TilePlan = plan_tiles(
+            source.plane_shape, tile, self.dense.patch_size, self.dense.output_stride, border
+        )
+        self._split_side: int | None = None  # set after an out-of-memory error
+        self._normalise = _normaliser(setup.normalisation, self.dense.in_channels, self.device)
+
+    @property
+    def num_classes(self) -> int:
+        """Channels of the output."""
+        return self.dense.num_classes
+
+    def tasks(
+        self, centre: tuple[float, float] | None = None
+    ) -> list[tuple[tuple[int, ...], Tile]]:
+        """Every (plane, tile) of the image; with ``centre``, tiles nearest to it first."""
+        tiles = list(self.plan.tiles()) if centre is None else self.plan.tiles_by_distance(centre)
+        return [
+            (leading, tile) for leading in np.ndindex(*self.source.leading_shape) for tile in tiles
+        ]
+
+    # -- one tile ------------------------------------------------------------------------------
+
+    def read(self, leading: tuple[int, ...], tile: Tile) -> np.ndarray:
+        """The tile's input window, ``(C, rows, cols)`` float32."""
+        rows, cols = self.plan.input_indices(tile)
+        return self.source.read_window(leading, rows, cols)
+
+    def compute(self, window: np.ndarray, tile: Tile) -> np.ndarray:
+        """Probabilities ``(K, h, w)`` of ``tile`` from its input window.
+
+        A CUDA out-of-memory error splits the tile into lattice-aligned parts and retries, for
+        the rest of the run (logged once); the result is the same.
+        """
+        x = torch.from_numpy(window)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        if self._split_side is None:
+            try:
+                return self._forward(x, tile.shape)
+            except torch.OutOfMemoryError:
+                self._split_side = max(self.plan.tile_shape) // 2
+                log.warning("out of memory: splitting tiles into parts of %d px", self._split_side)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return self._forward_in_parts(x, tile.shape)
+
+    def _forward_in_parts(self, x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+        (ph, pw), (sy, sx) = self.dense.patch_size, self.dense.output_stride
+        while True:
+            assert self._split_side is not None
+            part_y = max(self._split_side // sy, 1) * sy
+            part_x = max(self._split_side // sx, 1) * sx
+            out = np.empty((self.num_classes, *shape), dtype=np.float32)
+            try:
+                for y0 in range(0, shape[0], part_y):
+                    for x0 in range(0, shape[1], part_x):
+                        h, w = min(part_y, shape[0] - y0), min(part_x, shape[1] - x0)
+                        rows = -(-(h - 1) // sy) * sy + ph
+                        cols = -(-(w - 1) // sx) * sx + pw
+                        part = x[:, y0 : y0 + rows, x0 : x0 + cols]
+                        out[:, y0 : y0 + h, x0 : x0 + w] = self._forward(part, (h, w))
+                return out
+            except torch.OutOfMemoryError as err:
+                if self._split_side <= max(sy, sx, 16):
+                    raise NapariDenseError(
+                        "out of memory even for the smallest tiles; free GPU memory, use "
+                        "precision='bfloat16', or run on the CPU (device='cpu')"
+                    ) from err
+                self._split_side //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _forward(self, x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+        if self.memory_check is not None:
+            self.memory_check((int(x.shape[-2]), int(x.shape[-1])))
+        dtype = PRECISIONS[self.precision]
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
+        ):
+            samples = self.dense(self._normalise(x[None]))
+        samples = samples.float()
+        if self.setup.activation == "softmax":
+            samples = torch.softmax(samples, dim=1)
+        elif self.setup.activation == "sigmoid":
+            samples = torch.sigmoid(samples)
+        out = upsample_lattice(samples, self.dense.output_stride, shape, self.interpolation)
+        return out[0].cpu().numpy()
+
+    # -- many tiles ----------------------------------------------------------------------------
+
+    def run(self, tasks: Iterable[tuple[tuple[int, ...], Tile]]) -> Iterator[TileResult]:
+        """Compute ``tasks`` in order, reading each next window while the current one computes."""
+        todo = list(tasks)
+        if not todo:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-dense-read") as reader:
+
+            def timed_read(leading: tuple[int, ...], tile: Tile) -> tuple[np.ndarray, float]:
+                start = time.perf_counter()
+                return self.read(leading, tile), time.perf_counter() - start
+
+            pending: Future[tuple[np.ndarray, float]] = reader.submit(timed_read, *todo[0])
+            for index, (leading, tile) in enumerate(todo):
+                window, read_seconds = pending.result()
+                if index + 1 < len(todo):
+                    pending = reader.submit(timed_read, *todo[index + 1])
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                start = time.perf_counter()
+                probabilities = self.compute(window, tile)
+                seconds = time.perf_counter() - start
+                peak = (
+                    int(torch.cuda.max_memory_allocated(self.device))
+                    if self.device.type == "cuda"
+                    else 0
+                )
+                yield TileResult(
+                    index, len(todo), tuple(int(i) for i in leading), tile, probabilities,
+                    read_seconds, seconds, peak,
+                )  # fmt: skip
+
+
+def _normaliser(
+    normalisation: Mapping[str, Any] | None, channels: int, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> (x * scale - mean) / std`` per channel (identity without metadata)."""
+    if not normalisation:
+        return lambda x: x
+    scale = float(normalisation.get("scale", 1.0))
+    mean = torch.as_tensor(normalisation.get("mean", 0.0), dtype=torch.float32, device=device)
+    std = torch.as_tensor(normalisation.get("std", 1.0), dtype=torch.float32, device=device)
+    mean, std = mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+    if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels):
+        raise InputError(f"normalisation mean/std must have 1 or {channels} values")
+    return lambda x: (x * scale - mean) / std
+
+
+def iter_predict(
+    image: Any,
+    model: Any,
+    patch_size: int | tuple[int, int] | None = None,
+    *,
+    mode: str | Mapping[str, str] = "advanced",
+    channel_axis: int | None = None,
+    level: int = 0,
+    device: str | torch.device = "auto",
+    precision: str = "float32",
+    border: str = "reflect",
+    interpolation: str = "bilinear",
+    tile: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+    normalisation: Mapping[str, Any] | None = None,
+    activation: str | None = None,
+    skip: Iterable[tuple[tuple[int, ...], tuple[int, int, int, int]]] = (),
+    centre: tuple[float, float] | None = None,
+    memory_check: MemoryCheck | None = None,
+) -> Iterator[TileResult]:
+    """Predict ``image`` tile by tile, yielding each tile's probabilities as soon as it is done.
+
+    Parameters
+    ----------
+    image
+        numpy/dask/zarr array or a path (``.zarr``, OME-Zarr, ``.tif``, ``.npy``, ...), with
+        optional leading Z/T axes (see :func:`napari_dense.sources.open_image`).
+    model
+        A patch classifier (``nn.Module`` or exported program), a ``DenseClassifier``, a model
+        file path or a loaded model file (its metadata supplies patch size, normalisation,
+        activation and class names).
+    patch_size, mode, border, interpolation, device
+        As in :func:`napari_dense.predict` (whose result this equals, tile by tile).
+    channel_axis, level
+        Channel axis as stored; resolution level of an OME-Zarr/pyramidal TIFF.
+    precision
+        ``"float32"``, ``"bfloat16"`` or ``"float16"`` (autocast; the output is float32).
+    tile
+        Output pixels per tile side; None picks the largest that fits ``memory_budget`` bytes.
+    normalisation, activation
+        ``{"scale", "mean", "std"}`` applied as ``(x * scale - mean) / std`` before the
+        network; ``"softmax"``, ``"sigmoid"`` or ``"none"`` after it.
+    skip
+        ``(leading, box)`` pairs already done (resume).
+    centre
+        ``(y, x)``: compute the tiles nearest to it first (the GUI passes the field of view).
+    memory_check
+        Test hook called before each forward pass (see :data:`MemoryCheck`).
+
+    Yields
+    ------
+    TileResult
+        One per tile. Closing the generator stops after the current tile.
+    """
+    setup = resolve_classifier(
+        model, patch_size, mode=mode, normalisation=normalisation, activation=activation
+    )
+    source = open_image(image, channels=setup.dense.in_channels, channel_axis=channel_axis,
+                        level=level)  # fmt: skip
+    predictor = TiledPredictor(
+        source, setup, device=device, precision=precision, border=border,
+        interpolation=interpolation, tile=tile, memory_budget=memory_budget,
+        memory_check=memory_check,
+    )  # fmt: skip
+    done = {(tuple(leading), tuple(box)) for leading, box in skip}
+    tasks = [(lead, t) for lead, t in predictor.tasks(centre) if (lead, t.box) not in done]
+    yield from predictor.run(tasks)
