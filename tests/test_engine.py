@@ -191,7 +191,7 @@ def test_bfloat16_stays_close_to_float32(rgb_model) -> None:
 def test_bad_engine_arguments(grey_model) -> None:
     with pytest.raises(nd.InputError, match="precision must be one of"):
         next(iter_predict(np.zeros((20, 20)), grey_model, 15, precision="int8"))
-    with pytest.raises(nd.InputError, match="expects 1 channel.*image .* has 4"):
+    with pytest.raises(nd.InputError, match=r"expects 1 channel.*image .* has 4"):
         open_image(np.zeros((4, 20, 20)), channels=1, channel_axis=0)
     with pytest.raises(nd.InputError, match="no axis of the image"):
         open_image(np.zeros((5, 20, 20)), channels=3)
