@@ -6,9 +6,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Pinned so that a fresh machine takes the CPU build instead of resolving a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The library pins no Qt binding; the development environment uses PyQt6.
+QT_SPEC ?= pyqt6
+# What Qt's xcb platform needs under Xvfb (napari's viewer needs a real X server for OpenGL).
+APT_PACKAGES := xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-randr0 \
+	libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxcb-cursor0 \
+	libxkbcommon-x11-0 libgl1 libegl1 libfontconfig1 libdbus-1-3
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install system-deps lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +23,22 @@ $(BIN)/python:
 # Reinstall only when the project's requirements change.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[napari,test]" "$(QT_SPEC)"
 	touch $@
 
-install: $(VENV)/.installed
+# Xvfb and Qt's X libraries, from apt when missing (needs root; otherwise says what to install).
+system-deps:
+	@if ! command -v Xvfb >/dev/null 2>&1 || ! ldconfig -p | grep -q libxcb-cursor; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing $(APT_PACKAGES)"; \
+			apt-get update -qq >/dev/null && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+		else \
+			echo "please install (as root): apt-get install -y $(APT_PACKAGES)"; exit 1; \
+		fi; \
+	fi
+
+install: $(VENV)/.installed system-deps
 
 demo: install
 	$(BIN)/python -m napari_dense.cli demo

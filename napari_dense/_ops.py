@@ -8,13 +8,17 @@ as ``(left, right, top, bottom)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import fx
 
 from .geometry import Pair
 
 __all__ = [
+    "DENSE_OPS",
+    "DenseTracer",
     "align_spatial",
     "batch_to_space",
     "crop_cat",
@@ -157,3 +161,21 @@ def batch_to_space(x: torch.Tensor, phases: Sequence[Pair]) -> torch.Tensor:
         x = x.view(sy, sx, batch, channels, h, w).permute(2, 3, 4, 0, 5, 1)
         x = x.reshape(batch, channels, h * sy, w * sx)
     return x
+
+
+class DenseTracer(fx.Tracer):
+    """A tracer that records the operations above as single nodes.
+
+    Unpickling a ``GraphModule`` re-traces its generated code (dask workers, multiprocessing);
+    without this, tracing would step into the Python loops of these functions.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("autowrap_functions", DENSE_OPS)
+        super().__init__(*args, **kwargs)
+
+
+DENSE_OPS = (
+    align_spatial, batch_to_space, crop_cat, dense_conv2d, dense_pool2d, linear_as_conv2d,
+    space_to_batch,
+)  # fmt: skip

@@ -1,7 +1,8 @@
 """The ``napari-dense`` command line.
 
-Every expected failure prints one line, ``napari-dense: error: <what> <fix>``, and exits with
-status 2; ``--debug`` shows the traceback instead.
+Every expected failure prints one line, ``napari-dense: error: <what>; <fix>``, and exits with
+status 2 (``--debug`` shows the traceback instead). Ctrl-C during ``predict`` stops after the
+current tile and leaves a store that ``--resume`` completes.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import NapariDenseError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 RANDOM_WEIGHTS_NOTE = (
     "Note: the network has random (untrained) weights: this table measures speed and "
@@ -24,16 +27,30 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
-def _builtin_net(name: str) -> tuple[torch.nn.Module, int, int]:
+def _builtin_net(name: str) -> tuple[torch.nn.Module, int, int] | None:
     from .models import BENCHMARK_NETS
 
     if name not in BENCHMARK_NETS:
-        raise NapariDenseError(
-            f"unknown network {name!r}; choose one of {', '.join(BENCHMARK_NETS)}"
-        )
+        return None
     factory, patch, channels = BENCHMARK_NETS[name]
     torch.manual_seed(0)
     return factory().eval(), patch, channels
+
+
+def _load_model(name: str) -> tuple[Any, int | tuple[int, int] | None, int]:
+    """A built-in benchmark net (random weights) or a model file; (model, patch, channels)."""
+    builtin = _builtin_net(name)
+    if builtin is not None:
+        return builtin
+    if not Path(name).exists():
+        raise NapariDenseError(
+            f"model file not found: {name}; give a .pt2 / .yaml model file or a built-in "
+            "network (15x15, 32x32, 64x64)"
+        )
+    from .model_files import load_classifier
+
+    loaded = load_classifier(name)
+    return loaded, loaded.metadata.patch_size, loaded.metadata.in_channels
 
 
 def _parse_sampling(text: str) -> str | dict[str, str]:
@@ -45,31 +62,117 @@ def _parse_sampling(text: str) -> str | dict[str, str]:
     return {name.strip(): aliases.get(value.strip(), value.strip()) for name, value in pairs}
 
 
-def _cmd_explain(args: argparse.Namespace) -> None:
+def _plan_of(model: Any, patch: Any, sampling: Any) -> Any:
     from .convert import explain
 
-    model, patch, _ = _builtin_net(args.net)
-    plan = explain(model, args.patch or patch, sampling=_parse_sampling(args.sampling))
+    module = getattr(model, "module", model)
+    return explain(module, patch, sampling=sampling)
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    model, patch, _ = _load_model(args.model)
+    plan = _plan_of(model, args.patch or patch, _parse_sampling(args.sampling))
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.to_markdown())
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .to_zarr import predict_to_zarr
+
+    model, patch, _ = _load_model(args.model)
+    bar = tqdm(unit="tile", dynamic_ncols=True, disable=args.quiet)
+    megapixels = 0.0
+    seconds = 0.0
+
+    def progress(result: Any) -> None:
+        nonlocal megapixels, seconds
+        bar.total = result.total
+        megapixels += result.tile.shape[0] * result.tile.shape[1] / 1e6
+        seconds += result.compute_seconds
+        bar.set_postfix_str(f"{megapixels / max(seconds, 1e-9):.2f} Mpx/s")
+        bar.update(1)
+
+    try:
+        store = predict_to_zarr(
+            args.image,
+            model,
+            args.output,
+            patch_size=args.patch or patch,
+            mode=_parse_sampling(args.mode) if "=" in args.mode else args.mode,
+            channel_axis=args.channel_axis,
+            level=args.level,
+            device=args.device,
+            precision=args.precision,
+            border=args.border,
+            tile=args.tile,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            pyramid_levels=args.pyramid,
+            scheduler=args.scheduler,
+            on_tile=progress,
+        )
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"napari-dense: interrupted; the tiles computed so far are kept in {args.output}: "
+            "run the same command with --resume to finish",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    bar.close()
+    rate = store.attributes.get("megapixels_per_second") if hasattr(store, "attributes") else None
+    print(f"wrote {args.output}" + (f" ({rate} Mpx/s)" if rate else ""))
+
+
+def _read_region(image: str, channels: int, region: str | None, channel_axis: int | None) -> Any:
+    from .sources import open_image
+
+    source = open_image(image, channels=channels, channel_axis=channel_axis)
+    if source.leading_shape:
+        raise NapariDenseError("compare takes a single plane; pass a 2-D (+ channels) image")
+    plane = source.array
+    if region:
+        try:
+            (y0, y1), (x0, x1) = (
+                tuple(int(v) for v in part.split(":")) for part in region.split(",")
+            )
+        except ValueError:
+            raise NapariDenseError(f"--region must look like y0:y1,x0:x1, got {region!r}") from None
+        plane = plane[:, y0:y1, x0:x1]
+    return np.asarray(plane.compute(), dtype=np.float32)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare_modes
+
+    model, patch, channels = _load_model(args.model)
+    image = _read_region(args.image, channels, args.region, args.channel_axis)
+    module = getattr(model, "module", model)
+    comparison = compare_modes(
+        image, module, args.patch or patch, channel_axis=0, device=args.device
+    )
+    print(comparison.to_markdown())
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from skimage import color, data
 
     from .compare import compare_modes
-    from .convert import explain
 
-    model, patch, channels = _builtin_net(args.net)
+    model, patch, channels = _load_model(args.net)
     image = data.immunohistochemistry()[: args.size, : args.size].astype(np.float32) / 255
     if channels == 1:
         image = color.rgb2gray(image).astype(np.float32)
-    first_layer = explain(model, patch).layers[0].name
+    plan = _plan_of(model, patch, "all")
+    first_layer = plan.layers[0].name
     print(
         f"napari-dense demo: the {args.net} benchmark net on scikit-image's "
         f"immunohistochemistry image {image.shape[0]}x{image.shape[1]} "
         f"({'grey' if channels == 1 else 'RGB'}, scaled to 0-1)\n"
     )
-    print(explain(model, patch).to_markdown(), "\n")
+    print(plan.to_markdown(), "\n")
     comparison = compare_modes(
         image,
         model,
@@ -92,15 +195,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
+    model_help = "model file (.pt2, sidecar .yaml) or built-in network 15x15 | 32x32 | 64x64"
 
-    explain = commands.add_parser("explain", help="the striding layers of a network and costs")
-    explain.add_argument("net", help="built-in network: 15x15, 32x32 or 64x64")
-    explain.add_argument("--patch", type=int, help="patch size (default: the network's)")
+    explain = commands.add_parser("explain", help="the striding layers of a model and costs")
+    explain.add_argument("model", help=model_help)
+    explain.add_argument("--patch", type=int, help="patch size (default: the model's)")
     explain.add_argument(
         "--sampling", default="all", help="all | none | advanced | simple | layer=all,layer=none"
     )
     explain.add_argument("--json", action="store_true", help="print JSON instead of a table")
     explain.set_defaults(run=_cmd_explain)
+
+    predict = commands.add_parser("predict", help="predict an image into an OME-Zarr map")
+    predict.add_argument("model", help=model_help)
+    predict.add_argument("image", help="image: .zarr / OME-Zarr / .tif / .npy / .png ...")
+    predict.add_argument("-o", "--output", required=True, help="output .zarr directory")
+    predict.add_argument(
+        "--mode", default="advanced", help="advanced | simple | custom spec layer=all,layer=none"
+    )
+    predict.add_argument("--patch", type=int, help="patch size (default: the model's)")
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    predict.add_argument("--tile", type=int, help="output pixels per tile side (default: auto)")
+    predict.add_argument(
+        "--precision", default="float32", choices=["float32", "bfloat16", "float16"]
+    )
+    predict.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "uint8"],
+        help="stored probabilities",
+    )
+    predict.add_argument("--border", default="reflect", choices=["reflect", "edge", "constant"])
+    predict.add_argument("--channel-axis", type=int, help="channel axis of the image")
+    predict.add_argument("--level", type=int, default=0, help="OME-Zarr / TIFF pyramid level")
+    predict.add_argument("--pyramid", type=int, default=0, help="extra 2x-downsampled levels")
+    predict.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    predict.add_argument("--scheduler", help="dask scheduler address, or local:N")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(run=_cmd_predict)
+
+    compare = commands.add_parser("compare", help="simple vs shift-and-stitch vs advanced")
+    compare.add_argument("model", help=model_help)
+    compare.add_argument("image", help="image file")
+    compare.add_argument("--region", help="y0:y1,x0:x1 (default: the whole image)")
+    compare.add_argument("--patch", type=int, help="patch size (default: the model's)")
+    compare.add_argument("--channel-axis", type=int, help="channel axis of the image")
+    compare.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    compare.set_defaults(run=_cmd_compare)
 
     demo = commands.add_parser("demo", help="compare the modes on a real microscopy image")
     demo.add_argument("--net", default="32x32", help="built-in network (default 32x32)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,8 @@ class ModeComparison:
     oracle_pixels: int
     oracle_max_abs_diff: float
     exact: bool
+    #: |simple − advanced|, the largest over classes, (H, W); None without a simple run.
+    difference: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_markdown(self) -> str:
         """The comparison as a markdown table (what the Compare panel copies)."""
@@ -72,8 +74,8 @@ class ModeComparison:
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON-serialisable)."""
-        return asdict(self)
+        """Plain-data form (JSON-serialisable; without the difference image)."""
+        return {k: v for k, v in asdict(self).items() if k != "difference"}
 
 
 def compare_modes(
@@ -155,4 +157,5 @@ def compare_modes(
         oracle_pixels=oracle_pixels,
         oracle_max_abs_diff=float(np.abs(checked - oracle).max()),
         exact=explain(model, patch_size).exact,
+        difference=np.abs(outputs["simple"][0] - advanced).max(0) if "simple" in outputs else None,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ._ops import DenseTracer
 from .errors import InputError
 from .geometry import Pair
 from .plan import DensePlan
@@ -34,6 +35,8 @@ class DenseClassifier(nn.Module):
         # channels_last: oneDNN (CPU) and cuDNN (tensor cores) run convolutions in NHWC without
         # reordering every map; measured 1.4-1.9x faster on CPU for the benchmark nets.
         self.network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # Pickling (dask workers) re-traces the network's code: keep the dense ops as leaves.
+        self.network._tracer_cls = DenseTracer
         self.plan = plan
 
     @property

@@ -345,9 +345,15 @@ class TiledPredictor:
                     else 0
                 )
                 yield TileResult(
-                    index, len(todo), tuple(int(i) for i in leading), tile, probabilities,
-                    read_seconds, seconds, peak,
-                )  # fmt: skip
+                    index,
+                    len(todo),
+                    tuple(int(i) for i in leading),
+                    tile,
+                    probabilities,
+                    read_seconds,
+                    seconds,
+                    peak,
+                )
 
 
 def _normaliser(
@@ -422,13 +428,20 @@ def iter_predict(
     setup = resolve_classifier(
         model, patch_size, mode=mode, normalisation=normalisation, activation=activation
     )
-    source = open_image(image, channels=setup.dense.in_channels, channel_axis=channel_axis,
-                        level=level)  # fmt: skip
+    source = open_image(
+        image, channels=setup.dense.in_channels, channel_axis=channel_axis, level=level
+    )
     predictor = TiledPredictor(
-        source, setup, device=device, precision=precision, border=border,
-        interpolation=interpolation, tile=tile, memory_budget=memory_budget,
+        source,
+        setup,
+        device=device,
+        precision=precision,
+        border=border,
+        interpolation=interpolation,
+        tile=tile,
+        memory_budget=memory_budget,
         memory_check=memory_check,
-    )  # fmt: skip
+    )
     done = {(tuple(leading), tuple(box)) for leading, box in skip}
     tasks = [(lead, t) for lead, t in predictor.tasks(centre) if (lead, t.box) not in done]
     yield from predictor.run(tasks)

@@ -57,8 +57,9 @@ def test_tiled_equals_untiled(height, width, tile, mode, border, chunk) -> None:
     image = np.random.default_rng(height * 71 + width).random((height, width), dtype=np.float32)
     expected = nd.predict(image, model, 15, mode=sampling, border=border)
     lazy = da.from_array(image, chunks=chunk)
-    results = list(iter_predict(lazy, model, 15, mode=sampling, border=border, tile=tile,
-                                device="cpu"))  # fmt: skip
+    results = list(
+        iter_predict(lazy, model, 15, mode=sampling, border=border, tile=tile, device="cpu")
+    )
     out = assemble(results, (3, height, width))
     np.testing.assert_allclose(out, expected, atol=TILED_ATOL, rtol=0)
 
@@ -85,8 +86,9 @@ def test_grey_time_and_z_axes(grey_model: torch.nn.Module) -> None:
 def test_integer_and_float_inputs(grey_model: torch.nn.Module, dtype: type) -> None:
     image = np.random.default_rng(2).integers(0, 250, (33, 29)).astype(dtype)
     out = assemble(iter_predict(image, grey_model, 15, tile=16, device="cpu"), (3, 33, 29))
-    np.testing.assert_allclose(out, nd.predict(image.astype(np.float32), grey_model, 15),
-                               atol=TILED_ATOL)  # fmt: skip
+    np.testing.assert_allclose(
+        out, nd.predict(image.astype(np.float32), grey_model, 15), atol=TILED_ATOL
+    )
 
 
 def test_zarr_tiff_npy_and_ome_zarr_paths(tmp_path, grey_model: torch.nn.Module) -> None:
@@ -103,12 +105,29 @@ def test_zarr_tiff_npy_and_ome_zarr_paths(tmp_path, grey_model: torch.nn.Module)
     group = zarr.open_group(ome_path, mode="w")
     group.create_array("0", data=image[None], chunks=(1, 16, 16))
     group.create_array("1", data=image[None, ::2, ::2], chunks=(1, 16, 16))
-    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
-            {"name": "x", "type": "space"}]  # fmt: skip
-    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
-        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1]}]},
-        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1, 2, 2]}]},
-    ]}]}  # fmt: skip
+    axes = [
+        {"name": "c", "type": "channel"},
+        {"name": "y", "type": "space"},
+        {"name": "x", "type": "space"},
+    ]
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": axes,
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1]}],
+                    },
+                    {
+                        "path": "1",
+                        "coordinateTransformations": [{"type": "scale", "scale": [1, 2, 2]}],
+                    },
+                ],
+            }
+        ],
+    }
     for path in (zarr_path, tiff_path, npy_path, ome_path, str(zarr_path)):
         out = assemble(iter_predict(path, grey_model, 15, tile=20, device="cpu"), (3, 45, 52))
         np.testing.assert_allclose(out, expected, atol=TILED_ATOL, err_msg=str(path))
@@ -128,8 +147,9 @@ def test_out_of_memory_splits_tiles_once_with_same_result(grey_model, caplog) ->
             raise torch.OutOfMemoryError("simulated")
 
     with caplog.at_level(logging.WARNING, logger="napari_dense.engine"):
-        results = list(iter_predict(image, grey_model, 15, tile=48, device="cpu",
-                                    memory_check=small_gpu))  # fmt: skip
+        results = list(
+            iter_predict(image, grey_model, 15, tile=48, device="cpu", memory_check=small_gpu)
+        )
     out = assemble(results, (3, 70, 66))
     np.testing.assert_allclose(out, nd.predict(image, grey_model, 15), atol=TILED_ATOL)
     assert sum("out of memory" in r.message for r in caplog.records) == 1
@@ -147,8 +167,9 @@ def test_out_of_memory_at_the_smallest_tile_is_a_clear_error(grey_model) -> None
 
 def test_closing_the_generator_stops_after_the_current_tile(grey_model) -> None:
     calls: list[tuple[int, int]] = []
-    results = iter_predict(np.zeros((64, 64)), grey_model, 15, tile=16, device="cpu",
-                           memory_check=calls.append)  # fmt: skip
+    results = iter_predict(
+        np.zeros((64, 64)), grey_model, 15, tile=16, device="cpu", memory_check=calls.append
+    )
     first = next(results)
     assert (first.index, first.total) == (0, 16)
     next(results)
@@ -171,8 +192,10 @@ def test_skip_resumes_only_missing_tiles(grey_model) -> None:
 def test_normalisation_and_activation(grey_model) -> None:
     image = np.random.default_rng(6).integers(0, 255, (30, 30)).astype(np.uint8)
     norm = {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}
-    out = assemble(iter_predict(image, grey_model, 15, normalisation=norm, activation="softmax",
-                                tile=16), (3, 30, 30))  # fmt: skip
+    out = assemble(
+        iter_predict(image, grey_model, 15, normalisation=norm, activation="softmax", tile=16),
+        (3, 30, 30),
+    )
     logits = nd.predict((image / 255 - 0.5) / 0.25, grey_model, 15)
     expected = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
     np.testing.assert_allclose(out, expected, atol=TILED_ATOL)
@@ -182,8 +205,9 @@ def test_normalisation_and_activation(grey_model) -> None:
 def test_bfloat16_stays_close_to_float32(rgb_model) -> None:
     image = np.random.default_rng(7).random((40, 40, 3), dtype=np.float32)
     exact = nd.predict(image, rgb_model, 32)
-    reduced = assemble(iter_predict(image, rgb_model, 32, precision="bfloat16", tile=40),
-                       (2, 40, 40))  # fmt: skip
+    reduced = assemble(
+        iter_predict(image, rgb_model, 32, precision="bfloat16", tile=40), (2, 40, 40)
+    )
     deviation = np.abs(reduced - exact).max()
     assert 0 < deviation < 0.05  # softmax probabilities; measured ~1e-2 at most
 

@@ -1,0 +1,264 @@
+"""Predict an image into an OME-Zarr probability map that survives cancellation and crashes."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import (
+    ClassifierSetup,
+    MemoryCheck,
+    TiledPredictor,
+    TileResult,
+    resolve_classifier,
+)
+from .errors import InputError
+from .predict import sampling_of_mode
+from .sources import ImageSource, open_image
+from .store import ProbabilityStore
+
+__all__ = ["iter_into_store", "predict_to_zarr", "prepare_run"]
+
+#: Axis names of the output for 0, 1 and 2 leading (Z/T) axes of the source (NGFF order).
+_OUTPUT_AXES = {0: "cyx", 1: "czyx", 2: "tczyx"}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def prepare_run(
+    image: Any,
+    model: Any,
+    output: str | Path,
+    *,
+    patch_size: int | tuple[int, int] | None = None,
+    mode: str | Mapping[str, str] = "advanced",
+    channel_axis: int | None = None,
+    level: int = 0,
+    device: str | torch.device = "auto",
+    precision: str = "float32",
+    border: str = "reflect",
+    interpolation: str = "bilinear",
+    tile: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+    normalisation: Mapping[str, Any] | None = None,
+    activation: str | None = None,
+    class_names: list[str] | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    resume: bool = False,
+    memory_check: MemoryCheck | None = None,
+) -> tuple[TiledPredictor, ProbabilityStore]:
+    """Open the image, convert the model, plan the tiles and create (or reopen) the store."""
+    if overwrite and resume:
+        raise InputError("choose either overwrite or resume, not both")
+    setup: ClassifierSetup = resolve_classifier(
+        model,
+        patch_size,
+        mode=mode,
+        normalisation=normalisation,
+        activation=activation,
+        class_names=class_names,
+    )
+    source: ImageSource = open_image(
+        image, channels=setup.dense.in_channels, channel_axis=channel_axis, level=level
+    )
+    if len(source.leading_shape) > 2:
+        raise InputError(
+            f"the image has {len(source.leading_shape)} axes before (C, Y, X); at most two "
+            "(T, Z) are supported: pass one volume at a time"
+        )
+    predictor = TiledPredictor(
+        source,
+        setup,
+        device=device,
+        precision=precision,
+        border=border,
+        interpolation=interpolation,
+        tile=tile,
+        memory_budget=memory_budget,
+        memory_check=memory_check,
+    )
+    path = Path(output)
+    axes = _OUTPUT_AXES[len(source.leading_shape)]
+    shape = _output_shape(axes, source.leading_shape, setup.dense.num_classes, source.plane_shape)
+    if resume and path.exists():
+        store = ProbabilityStore.open(path)
+        expected = shape
+        if tuple(store.array.shape) != expected or tuple(store.array.chunks[-2:]) != tuple(
+            predictor.plan.tile_shape
+        ):
+            raise InputError(
+                f"{path} was written with another image shape or tile size "
+                f"({tuple(store.array.shape)}, chunks {tuple(store.array.chunks)}); resume with "
+                f"the same --tile, or use --overwrite"
+            )
+        return predictor, store
+    dense = setup.dense
+    provenance = {
+        **setup.provenance,
+        "package_version": _version(),
+        "patch_size": list(dense.patch_size),
+        "mode": mode if isinstance(mode, str) else "custom",
+        "sampling": dense.plan.sampling,
+        "output_stride": list(dense.output_stride),
+        "exact": dense.exact,
+        "tile_size": list(predictor.plan.tile_shape),
+        "device": str(predictor.device),
+        "device_name": _device_name(predictor.device),
+        "precision": precision,
+        "border": border,
+        "interpolation": interpolation,
+        "normalisation": dict(setup.normalisation) if setup.normalisation else None,
+        "activation": setup.activation,
+        "source_path": source.path,
+        "source_shape": list(source.source_shape),
+        "source_level": level,
+        "started": _now(),
+        "complete": False,
+    }
+    store = ProbabilityStore.create(
+        path,
+        shape=shape,
+        axes=axes,
+        chunks=predictor.plan.tile_shape,
+        class_names=list(setup.class_names),
+        dtype=dtype,
+        overwrite=overwrite,
+        attributes=provenance,
+    )
+    return predictor, store
+
+
+def _output_shape(
+    axes: str, leading: tuple[int, ...], classes: int, plane: tuple[int, int]
+) -> tuple[int, ...]:
+    """Shape in NGFF axis order (t, c, z, y, x): the source's leading axes are (t, z) or (z,)."""
+    sizes = dict(zip(axes.replace("c", "").replace("yx", ""), leading, strict=True))
+    sizes.update(c=classes, y=plane[0], x=plane[1])
+    return tuple(sizes[axis] for axis in axes)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def predict_to_zarr(
+    image: Any,
+    model: Any,
+    output: str | Path,
+    *,
+    on_tile: Callable[[TileResult], None] | None = None,
+    pyramid_levels: int = 0,
+    scheduler: str | None = None,
+    **options: Any,
+) -> ProbabilityStore:
+    """Predict ``image`` into an OME-Zarr probability map at ``output``.
+
+    Parameters
+    ----------
+    image, model
+        As in :func:`napari_dense.engine.iter_predict`.
+    output
+        The ``.zarr`` directory. An existing one is refused unless ``overwrite=True``;
+        ``resume=True`` reopens it and computes only the tiles not recorded as done.
+    on_tile
+        Called with each :class:`TileResult` (progress bars, live display).
+    pyramid_levels
+        Extra 2× downsampled levels written at the end.
+    scheduler
+        ``None`` (this process), ``"local:N"`` (a local dask cluster of N worker processes) or
+        the address of a dask scheduler (``"tcp://host:8786"``): tiles become tasks.
+    **options
+        ``patch_size``, ``mode``, ``channel_axis``, ``level``, ``device``, ``precision``,
+        ``border``, ``interpolation``, ``tile``, ``memory_budget``, ``normalisation``,
+        ``activation``, ``class_names``, ``dtype`` (``"float32"``, ``"float16"``, ``"uint8"``),
+        ``overwrite``, ``resume``.
+
+    Returns
+    -------
+    ProbabilityStore
+        The finished store. Interrupted (Ctrl-C, closed GUI, crash), it stays incomplete and
+        resumable: every tile written so far is kept and recorded.
+    """
+    if "mode" in options:
+        sampling_of_mode(options["mode"])  # fail early on a bad mode
+    predictor, store = prepare_run(image, model, output, **options)
+    done = store.completed_tiles()
+    tasks = [(lead, t) for lead, t in predictor.tasks() if (lead, t.box) not in done]
+    start = time.perf_counter()
+    if scheduler:
+        from .distributed import run_distributed
+
+        run_distributed(predictor, store, tasks, scheduler, on_tile=on_tile)
+    else:
+        _run_local(predictor, store, tasks, on_tile)
+    seconds = time.perf_counter() - start
+    megapixels = sum(tile.shape[0] * tile.shape[1] for _, tile in tasks) / 1e6
+    store.finalize(
+        attributes={
+            "finished": _now(),
+            "seconds": round(seconds, 3),
+            "megapixels_per_second": round(megapixels / max(seconds, 1e-9), 4),
+            "complete": True,
+        },
+        pyramid_levels=pyramid_levels,
+    )
+    return store
+
+
+def iter_into_store(
+    predictor: TiledPredictor, store: ProbabilityStore, tasks: list[Any]
+) -> Iterator[TileResult]:
+    """Compute ``tasks`` and write them; yield each tile once it is written and recorded.
+
+    Tile ``n`` is written while tile ``n + 1`` computes. Closing the generator (Cancel, Ctrl-C)
+    stops after the current tile; every computed tile is written before it returns. The GUI runs
+    this generator in a worker thread; the CLI drains it.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-dense-write") as writer:
+        pending: tuple[Future[None], TileResult] | None = None
+        try:
+            for result in predictor.run(tasks):
+                if pending is not None:
+                    pending[0].result()  # surfaces write errors
+                    done, pending = pending[1], None
+                    yield done
+                write = writer.submit(
+                    store.write_tile, result.leading, result.tile.box, result.probabilities
+                )
+                pending = (write, result)
+            if pending is not None:
+                pending[0].result()
+                done, pending = pending[1], None
+                yield done
+        finally:
+            if pending is not None:
+                pending[0].result()
+
+
+def _run_local(
+    predictor: TiledPredictor,
+    store: ProbabilityStore,
+    tasks: list[Any],
+    on_tile: Callable[[TileResult], None] | None,
+) -> None:
+    for result in iter_into_store(predictor, store, tasks):
+        if on_tile is not None:
+            on_tile(result)
