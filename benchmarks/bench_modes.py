@@ -1,0 +1,374 @@
+"""Benchmark: four ways to get a per-pixel map from a patch classifier.
+
+For each benchmark network (``napari_dense.models.BENCHMARK_NETS``, random weights) and each
+square random float32 image, measures:
+
+- **naive**: ``reference.patchwise``, the classifier on every patch (batched);
+- **simple**: ``predict`` with ``densify(sampling="none")``: fully convolutional, interpolated
+  between lattice samples (not exact between them);
+- **shift-and-stitch**: ``baselines.shift_and_stitch``, exact, ``S²`` runs of the fully
+  convolutional network (the published "advanced" approach);
+- **advanced**: ``predict`` with ``densify(sampling="all")``, exact; where ``densify`` takes
+  ``phases``, also **advanced (space-to-batch)** with ``phases="batch"``.
+
+Each (net, size, method) runs in a fresh subprocess: one warm-up call (its time is "first call"
+in the JSON), then ``--repeats`` timed calls whose median wall time is reported. Peak memory is
+the peak RSS of the first call minus the RSS before it (``VmHWM`` of /proc/self/status, reset
+just before the call; not ``ru_maxrss``, which a child inherits from its parent at fork), or
+``torch.cuda.max_memory_allocated`` on CUDA. Max |Δ| is against naive's map at every pixel where
+naive ran at that size, else against ``patchwise`` on 200 random pixels.
+
+Naive and shift-and-stitch are skipped where their estimated time per call exceeds
+``--naive-budget`` / ``--budget`` (extrapolated by pixel count from their last run; naive's
+first estimate comes from a one-batch probe, shift-and-stitch's from simple's time × ``S²``).
+Any method is skipped where its estimated peak memory (``explain(...).bytes_per_megapixel``
+plus the float32 output map) exceeds 16 GiB.
+
+Run ``python benchmarks/bench_modes.py`` (or ``make bench``); ``--quick`` for a smoke run,
+``--help`` for options. Prints markdown tables and writes JSON to
+``benchmarks/results/bench_modes.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_dense import DensePlan, densify, explain, predict
+from napari_dense.baselines import shift_and_stitch
+from napari_dense.models import BENCHMARK_NETS
+from napari_dense.reference import patchwise
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_SIZES = [256, 512, 1024, 2048, 4096]
+QUICK_SIZES = [128, 256]
+MEMORY_LIMIT_BYTES = 16 * 2**30
+SAMPLED_PIXELS = 200
+#: Patches per forward pass of naive: the fastest of 128 … 2048 on a 2-core CPU.
+NAIVE_BATCH_SIZE = {"15x15": 512, "32x32": 256, "64x64": 256}
+#: ``densify`` options of the methods that ``predict`` with a converted network.
+DENSE_METHODS: dict[str, dict[str, str]] = {
+    "simple": {"sampling": "none"},
+    "advanced": {"sampling": "all"},
+    "advanced (space-to-batch)": {"sampling": "all", "phases": "batch"},
+}
+
+
+def method_names() -> list[str]:
+    """The methods to measure; space-to-batch only where ``densify`` takes ``phases``."""
+    names = ["naive", "simple", "shift-and-stitch", "advanced"]
+    if "phases" in inspect.signature(densify).parameters:
+        names.append("advanced (space-to-batch)")
+    return names
+
+
+def build_model(net: str) -> tuple[torch.nn.Module, int, int]:
+    """The benchmark network ``net`` with fixed random weights, its patch size and channels."""
+    factory, patch, channels = BENCHMARK_NETS[net]
+    torch.manual_seed(0)
+    return factory().eval(), patch, channels
+
+
+def make_image(size: int, channels: int) -> np.ndarray:
+    """A random float32 ``(size, size)`` image, or ``(size, size, channels)`` for RGB."""
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    return np.random.default_rng(0).random(shape, dtype=np.float32)
+
+
+def channel_axis_of(channels: int) -> int | None:
+    """The channel axis of :func:`make_image`'s images."""
+    return None if channels == 1 else -1
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work before reading a timer."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_runner(
+    method: str, net: str, model: torch.nn.Module, patch: int, channels: int, device: str
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function image -> ``(K, H, W)`` map computing it with ``method`` (converted up front)."""
+    axis = channel_axis_of(channels)
+    if method == "naive":
+        batch_size = NAIVE_BATCH_SIZE[net]
+        return lambda image: patchwise(
+            image, model, patch, channel_axis=axis, batch_size=batch_size, device=device
+        )
+    if method == "shift-and-stitch":
+        return lambda image: shift_and_stitch(image, model, patch, channel_axis=axis, device=device)
+    dense = densify(model, patch, **DENSE_METHODS[method])
+    return lambda image: predict(image, dense, channel_axis=axis, device=device)
+
+
+def memory_status_bytes(field: str) -> int:
+    """``VmRSS`` (resident set size) or ``VmHWM`` (its peak) of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024
+
+
+def max_deviation(
+    output: np.ndarray, reference_path: Path, image: np.ndarray, job: dict[str, Any]
+) -> tuple[float, str]:
+    """Max |output - naive| and where it was taken: every pixel, or 200 random pixels."""
+    if reference_path.exists():
+        reference = np.load(reference_path, mmap_mode="r")
+        deviations = [np.abs(out - ref).max() for out, ref in zip(output, reference, strict=True)]
+        return float(max(deviations)), "all"
+    model, patch, channels = build_model(job["net"])
+    positions = np.random.default_rng(1).integers(0, job["size"], (SAMPLED_PIXELS, 2))
+    reference = patchwise(image, model, patch, channel_axis=channel_axis_of(channels),
+                          positions=positions, device=job["device"])  # fmt: skip
+    sampled = output[:, positions[:, 0], positions[:, 1]]
+    return float(np.abs(sampled - reference).max()), f"{SAMPLED_PIXELS} px"
+
+
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """Time one (net, size, method) in this process; its peak memory and deviation from naive."""
+    net, size, method, device = job["net"], job["size"], job["method"], job["device"]
+    model, patch, channels = build_model(net)
+    image = make_image(size, channels)
+    run = make_runner(method, net, model, patch, channels, device)
+    reference_path = Path(job["workdir"]) / f"naive_{net}_{size}.npy"
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
+    rss_before = memory_status_bytes("VmRSS")
+    start = time.perf_counter()
+    output = run(image)
+    sync(device)
+    first_call = time.perf_counter() - start
+    peak_host = memory_status_bytes("VmHWM") - rss_before
+    peak_cuda = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    if method == "naive":
+        np.save(reference_path, output)
+        deviation, compared_on = 0.0, "reference"
+    else:
+        deviation, compared_on = max_deviation(output, reference_path, image, job)
+    del output
+    times = []
+    for _ in range(job["repeats"]):
+        start = time.perf_counter()
+        run(image)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"first_call_s": first_call, "times_s": times, "median_s": median,
+            "mpx_per_s": size * size / 1e6 / median, "peak_host_mib": peak_host / 2**20,
+            "peak_cuda_mib": peak_cuda / 2**20, "max_abs_diff": deviation,
+            "diff_on": compared_on}  # fmt: skip
+
+
+def run_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure` in a fresh interpreter, so that its peak RSS is its own."""
+    command = [sys.executable, __file__, "--worker", json.dumps(job)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[-3000:])
+        return {"failed": f"exit code {result.returncode}"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def probe_naive(net: str, device: str) -> float:
+    """Seconds per pixel of naive: one batch of patches, timed after a warm-up batch."""
+    model, patch, channels = build_model(net)
+    batch_size = NAIVE_BATCH_SIZE[net]
+    image = make_image(64, channels)
+    positions = np.random.default_rng(2).integers(0, 64, (batch_size, 2))
+    for _ in range(2):
+        start = time.perf_counter()
+        patchwise(image, model, patch, channel_axis=channel_axis_of(channels),
+                  positions=positions, batch_size=batch_size, device=device)  # fmt: skip
+        sync(device)
+        seconds = time.perf_counter() - start
+    return seconds / batch_size
+
+
+def estimated_peak_bytes(method: str, pixels: int, plans: dict[str, DensePlan]) -> float:
+    """Peak memory of ``method`` on ``pixels``: activations (from ``explain``) + output map."""
+    output_bytes = 4 * plans["all"].num_classes * pixels
+    if method == "naive":
+        return 3 * output_bytes  # the batches' outputs, their concatenation, the (K, H, W) copy
+    plan = plans["all"] if method.startswith("advanced") else plans["none"]
+    return plan.bytes_per_megapixel * pixels / 1e6 + output_bytes
+
+
+def estimated_seconds(
+    method: str, pixels: int, seconds_per_pixel: dict[str, float], stride_area: int
+) -> float | None:
+    """Time per call of ``method``, extrapolated from its last run (None when unknown)."""
+    if method in seconds_per_pixel:
+        return seconds_per_pixel[method] * pixels
+    if method == "shift-and-stitch" and "simple" in seconds_per_pixel:
+        return seconds_per_pixel["simple"] * pixels * stride_area
+    return None
+
+
+def format_row(record: dict[str, Any], naive_seconds: float, naive_measured: bool) -> str:
+    """One markdown row of the results table (``~``: naive's time extrapolated)."""
+    cells = [f"{record['size']}²", record["method"]]
+    if "median_s" not in record:
+        reason = f"skipped ({record['skipped']})" if "skipped" in record else record["failed"]
+        return "| " + " | ".join([*cells, f"**{reason}**", *["—"] * 4]) + " |"
+    deviation = "reference" if record["diff_on"] == "reference" else f"{record['max_abs_diff']:.1e}"
+    if record["diff_on"] == f"{SAMPLED_PIXELS} px":
+        deviation += f" ({SAMPLED_PIXELS} px)"
+    speedup = f"{naive_seconds / record['median_s']:.1f}×"
+    peak = record["peak_cuda_mib" if record["device"].startswith("cuda") else "peak_host_mib"]
+    cells += [f"{record['median_s']:.3f}", f"{record['mpx_per_s']:.3f}", f"{peak:.0f}", deviation,
+              speedup if naive_measured else f"~{speedup}"]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def ratio_at_largest(
+    records: list[dict[str, Any]], slow: str, fast: str
+) -> tuple[float, int] | None:
+    """Median time of ``slow`` ÷ that of ``fast`` at the largest size where both ran."""
+    medians = {(r["method"], r["size"]): r["median_s"] for r in records if "median_s" in r}
+    sizes = [size for method, size in medians if method == fast and (slow, size) in medians]
+    if not sizes:
+        return None
+    return medians[slow, max(sizes)] / medians[fast, max(sizes)], max(sizes)
+
+
+def summarize(
+    records: list[dict[str, Any]], ideal: float, naive_basis: str, naive_rate: float
+) -> dict[str, Any]:
+    """Advanced's speedup over naive (measured or extrapolated) and over shift-and-stitch."""
+    measured = ratio_at_largest(records, "naive", "advanced")
+    advanced = [r for r in records if r["method"] == "advanced" and "median_s" in r]
+    if measured is not None:
+        speedup, basis = measured[0], f"measured at {measured[1]}²"
+    elif advanced:
+        largest = max(advanced, key=lambda r: r["size"])
+        speedup = naive_rate * largest["size"] ** 2 / largest["median_s"]
+        basis = f"at {largest['size']}², naive extrapolated from {naive_basis}"
+    else:
+        speedup, basis = float("nan"), "advanced never ran"
+    versus_sas = ratio_at_largest(records, "shift-and-stitch", "advanced")
+    return {"ideal_speedup": ideal, "advanced_over_naive": speedup,
+            "advanced_over_naive_basis": basis, "measured_over_ideal": speedup / ideal,
+            "advanced_over_shift_and_stitch": versus_sas and versus_sas[0],
+            "advanced_over_shift_and_stitch_size": versus_sas and versus_sas[1]}  # fmt: skip
+
+
+def benchmark_net(net: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    """Measure every method at every size for ``net``, printing rows as they come."""
+    model, patch, channels = build_model(net)
+    plans = {sampling: explain(model, patch, sampling=sampling) for sampling in ("all", "none")}
+    ideal = plans["all"].macs_per_patch / plans["all"].macs_per_pixel
+    stride_y, stride_x = plans["none"].output_stride
+    seconds_per_pixel = {"naive": probe_naive(net, args.device)}
+    naive_basis = f"a {NAIVE_BATCH_SIZE[net]}-patch probe"
+    budgets = {"naive": args.naive_budget, "shift-and-stitch": args.budget}
+    print(
+        f"\n## {net}: patch {patch}, {channels} channel(s), {plans['all'].num_classes} classes, "
+        f"output stride {stride_y}×{stride_x} undensified, ideal speedup {ideal:.1f}×\n"
+    )
+    peak_label = "peak MiB (CUDA)" if args.device.startswith("cuda") else "peak MiB (RSS)"
+    print(
+        f"| size | method | median s | Mpx/s | {peak_label} | max \\|Δ\\| vs naive "
+        "| speedup vs naive |\n|---:|---|---:|---:|---:|---:|---:|",
+        flush=True,
+    )
+    records: list[dict[str, Any]] = []
+    for size in args.sizes:
+        pixels = size * size
+        naive_measured = False
+        for method in method_names():
+            seconds = estimated_seconds(method, pixels, seconds_per_pixel, stride_y * stride_x)
+            peak_bytes = estimated_peak_bytes(method, pixels, plans)
+            record: dict[str, Any] = {"net": net, "size": size, "method": method,
+                                      "device": args.device, "estimated_seconds": seconds,
+                                      "estimated_peak_mib": peak_bytes / 2**20}  # fmt: skip
+            if method in budgets and seconds is not None and seconds > budgets[method]:
+                record["skipped"] = f"est. {seconds:.0f} s"
+            elif peak_bytes > MEMORY_LIMIT_BYTES:
+                record["skipped"] = f"est. {peak_bytes / 2**30:.0f} GiB"
+            else:
+                job = {"net": net, "size": size, "method": method, "device": args.device,
+                       "repeats": args.repeats, "workdir": workdir}  # fmt: skip
+                record.update(run_worker(job))
+            if "median_s" in record:
+                seconds_per_pixel[method] = record["median_s"] / pixels
+                if method == "naive":
+                    naive_measured, naive_basis = True, f"{size}²"
+            records.append(record)
+            naive_seconds = seconds_per_pixel["naive"] * pixels
+            print(format_row(record, naive_seconds, naive_measured), flush=True)
+    summary = summarize(records, ideal, naive_basis, seconds_per_pixel["naive"])
+    versus_sas = summary["advanced_over_shift_and_stitch"]
+    print(f"\n| {net} | ideal speedup | advanced / naive | measured / ideal | advanced vs "
+          f"shift-and-stitch |\n|---|---:|---:|---:|---:|\n| | {ideal:.1f}× | "
+          f"{summary['advanced_over_naive']:.1f}× ({summary['advanced_over_naive_basis']}) | "
+          f"{summary['measured_over_ideal']:.0%} | "
+          + (f"{versus_sas:.1f}× (at {summary['advanced_over_shift_and_stitch_size']}²) |"
+             if versus_sas else "— |"), flush=True)  # fmt: skip
+    return {"patch": patch, "in_channels": channels, "naive_batch_size": NAIVE_BATCH_SIZE[net],
+            "plan_all": plans["all"].as_dict(), "plan_none": plans["none"].as_dict(),
+            "runs": records, "summary": summary}  # fmt: skip
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Torch version, threads, CPU model and device name."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                    if line.startswith("model name")), "unknown")  # fmt: skip
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "device": device, "device_name": name}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", nargs="+", default=list(BENCHMARK_NETS),
+                        choices=list(BENCHMARK_NETS))  # fmt: skip
+    parser.add_argument("--sizes", type=int, nargs="+", help=f"default {DEFAULT_SIZES}")
+    parser.add_argument("--repeats", type=int, help="timed calls after the warm-up (default 3)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--naive-budget", type=float, default=60.0, help="s per naive call")
+    parser.add_argument("--budget", type=float, default=120.0, help="s per shift-and-stitch call")
+    parser.add_argument("--json", type=Path, default=RESULTS / "bench_modes.json")
+    parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, repeats 1")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return
+    args.sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    env = environment(args.device)
+    print(f"# bench_modes: torch {env['torch']}, {env['threads']} threads, CPU {env['cpu']}, "
+          f"device {env['device']} ({env['device_name']}); median of {args.repeats} after a "
+          f"warm-up")  # fmt: skip
+    report: dict[str, Any] = {"environment": env, "sizes": args.sizes, "repeats": args.repeats,
+                              "naive_budget_s": args.naive_budget, "budget_s": args.budget,
+                              "nets": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-modes-") as workdir:
+        for net in args.nets:
+            report["nets"][net] = benchmark_net(net, args, workdir)
+    print("\n~: naive's time extrapolated from its throughput at a smaller size (or its probe).")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
