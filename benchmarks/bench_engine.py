@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 import zarr
 
 from napari_dense import densify
+from napari_dense._memory import current_rss, peak_rss, reset_peak_rss
 from napari_dense.engine import iter_predict
 from napari_dense.models import BENCHMARK_NETS
 from napari_dense.to_zarr import predict_to_zarr
@@ -95,7 +95,8 @@ def end_to_end(net: str, size: int, tile: int, device: str, precision: str, work
     output = workdir / f"map_{net}_{size}_{precision}.zarr"
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_rss()  # a child starts with its parent's peak: measure this run only
+    rss_before = current_rss()
     start = time.perf_counter()
     predict_to_zarr(
         source,
@@ -117,8 +118,8 @@ def end_to_end(net: str, size: int, tile: int, device: str, precision: str, work
         "precision": precision,
         "seconds": seconds,
         "mpx_per_s": size * size / 1e6 / seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_before_mib": rss_before / 1024,
+        "peak_rss_mib": peak_rss() / 2**20,
+        "rss_before_mib": rss_before / 2**20,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20
         if device.startswith("cuda")
         else 0.0,

@@ -1,4 +1,4 @@
-"""Peak memory of a block of code: host RSS (sampled) and CUDA allocations."""
+"""Peak memory of a block of code: host RSS and CUDA allocations."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["PeakMemory", "current_rss"]
+__all__ = ["PeakMemory", "current_rss", "peak_rss", "reset_peak_rss"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024
 
 
 def current_rss() -> int:
@@ -23,11 +29,30 @@ def current_rss() -> int:
         return 0
 
 
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (``VmHWM``) to its current RSS; False where unsupported.
+
+    ``ru_maxrss`` cannot measure one block: it only grows, and a child process starts with its
+    parent's value. Linux resets ``VmHWM`` on writing 5 to ``/proc/self/clear_refs``.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:  # pragma: no cover - not Linux, or not permitted
+        return False
+
+
+def peak_rss() -> int:
+    """Peak RSS (``VmHWM``) of this process since start or :func:`reset_peak_rss`, in bytes."""
+    return _status_bytes("VmHWM")
+
+
 class PeakMemory:
     """Context manager measuring the peak memory a block adds.
 
-    Host: RSS sampled every ``interval`` seconds by a thread (``ru_maxrss`` only ever grows over
-    a process's life, so it cannot measure one block). CUDA: ``torch.cuda.max_memory_allocated``.
+    Host: ``VmHWM`` reset at entry (Linux); elsewhere RSS sampled by a thread every
+    ``interval`` seconds. CUDA: ``torch.cuda.max_memory_allocated``.
 
     Attributes
     ----------
@@ -43,7 +68,7 @@ class PeakMemory:
         self.host_bytes = 0
         self.device_bytes = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread: threading.Thread | None = None
         self._baseline = 0
         self._peak = 0
 
@@ -57,7 +82,9 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._baseline = self._peak = current_rss()
-        self._thread.start()
+        if not reset_peak_rss():
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(
@@ -69,7 +96,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.device_bytes = int(torch.cuda.max_memory_allocated(self.device))
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, current_rss())
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, current_rss())
+        else:
+            self._peak = peak_rss()
         self.host_bytes = max(self._peak - self._baseline, 0)
