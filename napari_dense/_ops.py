@@ -111,10 +111,10 @@ def dense_pool2d(
                 view = view[:, :, ::s] if axis == 2 else view[:, :, :, ::s]
             if acc is None:
                 acc = view.clone() if k > 1 else view
-            elif kind == "max":
-                torch.maximum(acc, view, out=acc)
-            else:
-                acc.add_(view)
+            elif not torch.is_grad_enabled():  # in place: no extra full-size map per offset
+                torch.maximum(acc, view, out=acc) if kind == "max" else acc.add_(view)
+            else:  # autograd refuses out= on tensors that need gradients
+                acc = torch.maximum(acc, view) if kind == "max" else acc + view
         assert acc is not None
         x = acc
     if kind == "avg":

@@ -3,7 +3,10 @@
 :func:`densify` works in four steps, each a function below:
 
 1. ``_trace``: copy the model (the caller's model is never touched), switch the copy to eval
-   mode and trace it with torch.fx.
+   mode and trace it with torch.fx. A :func:`torch.export.export` program (or ``ep.module()``,
+   or an :class:`ExportedModule`) is already a graph, of aten operators: its graph is copied,
+   with private copies of its parameters, and the builder maps each aten operator onto the
+   handler of the ``torch.nn.functional`` call it implements (``_ATEN_EQUIVALENTS``).
 2. ``_trace`` also runs one patch through the traced graph to learn every tensor's shape in
    the patch network, and checks that the head reduces the patch to 1×1.
 3. ``_DenseGraphBuilder`` walks the graph once, in order, and emits the dense form of every node
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import operator
 import warnings
@@ -26,17 +30,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch._ops import OpOverload, OpOverloadPacket
+from torch.export import ExportedProgram
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import _ops
 from .dense import DenseClassifier
-from .errors import PatchSizeError, UnsupportedLayerError
+from .errors import InputError, PatchSizeError, UnsupportedLayerError
 from .geometry import Lattice, Pair, pair
 from .plan import DensePlan, Sampling, StridingLayer
 
-__all__ = ["SamplingSpec", "densify", "explain"]
+__all__ = [
+    "Classifier",
+    "ExportedModule",
+    "SamplingSpec",
+    "accepted_patch_sizes",
+    "densify",
+    "explain",
+]
 
 SamplingSpec = str | Mapping[str, str]
+#: What densify/explain accept: a module (traced with torch.fx) or a torch.export program.
+Classifier = nn.Module | ExportedProgram
 _SAMPLINGS = ("all", "none")
 # How the s × s phases of a densified layer are carried: "dilated" keeps them interleaved in the
 # map and dilates every later kernel (à trous); "batch" moves them into the batch dimension
@@ -136,6 +151,116 @@ _REDUCE_FUNCTIONS: dict[Callable[..., Any], str] = {
 }
 
 
+def _aten_ops(*names: str) -> list[OpOverload | OpOverloadPacket]:
+    """aten operators by name (``"relu"`` for every overload, ``"mean.dim"`` for one).
+
+    Names this torch build lacks are left out (the table spans torch versions).
+    """
+    found: list[OpOverload | OpOverloadPacket] = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        try:
+            op = getattr(torch.ops.aten, packet)
+            found.append(getattr(op, overload) if overload else op)
+        except (AttributeError, RuntimeError):
+            continue
+    return found
+
+
+_ATEN_ELEMENTWISE = (
+    "relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
+    "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "prelu",
+    "_prelu_kernel", "log_sigmoid", "threshold", "exp", "log", "abs", "neg", "sqrt", "rsqrt",
+    "square", "pow", "reciprocal", "erf", "clamp", "clamp_min", "clamp_max", "add", "sub", "rsub",
+    "mul", "div", "maximum", "minimum", "to", "_to_copy", "log1p", "expm1", "sign", "floor",
+    "ceil", "round", "trunc", "fmod", "remainder", "sin", "cos", "where", "gt", "ge", "lt", "le",
+    "eq", "ne", "logical_and", "logical_or", "logical_not", "zeros_like", "ones_like", "full_like",
+    "empty_like",
+)  # fmt: skip
+_ATEN_CHECKS = (
+    "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_scalar",
+    "sym_constrain_range", "sym_constrain_range_for_size",
+)  # fmt: skip
+_ATEN_DROPOUTS = (
+    "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
+)  # fmt: skip
+# The Linear of a decomposed graph multiplies by its weight transposed by one of these.
+_ATEN_TRANSPOSES = set(_aten_ops("t.default", "numpy_T.default", "transpose.int"))
+_ATEN_PERMUTE = set(_aten_ops("permute.default"))
+
+# torch.export graphs call aten operators. Each one is handled as the torch function it implements
+# (the same handler as the fx path), or as a kind of node: "elementwise", "reshape" (a view that
+# flattens or unflattens), "alias", "dropout" (an alias in eval mode), "matmul" (addmm / mm: a
+# Linear after run_decompositions), "size" (reads a dimension), "check" (a shape assertion of the
+# patch network, meaningless for the dense one) or "mutation" (writes a buffer: training mode).
+# Overloads are looked up before their packet: ``mean.dim`` reduces given dims, ``mean.default``
+# everything (unsupported).
+_ATEN_EQUIVALENTS: dict[OpOverload | OpOverloadPacket, Callable[..., Any] | str] = {
+    **dict.fromkeys(_aten_ops("conv2d", "convolution.default"), F.conv2d),
+    **dict.fromkeys(_aten_ops("max_pool2d", "max_pool2d_with_indices.default"), F.max_pool2d),
+    **dict.fromkeys(_aten_ops("avg_pool2d"), F.avg_pool2d),
+    **dict.fromkeys(
+        _aten_ops("adaptive_avg_pool2d", "_adaptive_avg_pool2d.default"), F.adaptive_avg_pool2d
+    ),
+    **dict.fromkeys(_aten_ops("adaptive_max_pool2d"), F.adaptive_max_pool2d),
+    **dict.fromkeys(_aten_ops("linear"), F.linear),
+    **dict.fromkeys(
+        _aten_ops(
+            "batch_norm", "_native_batch_norm_legit_no_training.default", "native_batch_norm"
+        ),
+        F.batch_norm,
+    ),
+    **dict.fromkeys(_aten_ops("softmax.int", "_softmax.default"), F.softmax),
+    **dict.fromkeys(_aten_ops("log_softmax.int", "_log_softmax.default"), F.log_softmax),
+    **dict.fromkeys(_aten_ops("mean.dim"), torch.mean),
+    **dict.fromkeys(_aten_ops("amax.default"), torch.amax),
+    **dict.fromkeys(_aten_ops("sum.dim_IntList"), torch.sum),
+    **dict.fromkeys(_aten_ops("cat", "concat", "concatenate"), torch.cat),
+    **dict.fromkeys(
+        _aten_ops("flatten", "view", "reshape", "_unsafe_view", "squeeze", "unsqueeze"), "reshape"
+    ),
+    **dict.fromkeys(_aten_ops("addmm.default", "mm.default"), "matmul"),
+    **dict.fromkeys(_aten_ops("clone", "alias", "detach", "contiguous"), "alias"),
+    **dict.fromkeys(_aten_ops(*_ATEN_DROPOUTS), "dropout"),
+    **dict.fromkeys(_aten_ops("sym_size.int"), "size"),
+    **dict.fromkeys(_aten_ops(*_ATEN_CHECKS), "check"),
+    **dict.fromkeys(_aten_ops("copy_"), "mutation"),
+    **dict.fromkeys(_aten_ops(*_ATEN_ELEMENTWISE), "elementwise"),
+}
+_TRAINING_MODE_HINT = (
+    "the program was exported in training mode. Hint: export the model in eval mode, "
+    "torch.export.export(model.eval(), (example,))."
+)
+# aten operators that return a tuple whose element 0 is the result (then read by getitem).
+_ATEN_MULTI_OUTPUT = set(
+    _aten_ops(
+        "max_pool2d_with_indices.default", "adaptive_max_pool2d.default", "native_dropout.default",
+        "_native_batch_norm_legit_no_training.default", "native_batch_norm.default",
+    )
+)  # fmt: skip
+_SUPPORTED_ATEN = (
+    "Supported aten operators: conv2d/convolution, max/avg_pool2d, adaptive pools, mean/amax/sum "
+    "over (2, 3), linear/addmm, batch_norm, elementwise ops, cat, flatten/view/reshape, "
+    "softmax/log_softmax, dropout in eval mode."
+)
+# Modules whose calls torch.export records (in nn_module_stack) around the aten operator they
+# become: the layer keeps its module's name, as in the fx path.
+_LAYER_MODULES: dict[Callable[..., Any], type[nn.Module]] = {
+    F.conv2d: nn.Conv2d,
+    F.max_pool2d: nn.MaxPool2d,
+    F.avg_pool2d: nn.AvgPool2d,
+    F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d,
+}
+
+
+def _aten_equivalent(target: Any) -> Callable[..., Any] | str | None:
+    if not isinstance(target, OpOverload):
+        return None
+    found = _ATEN_EQUIVALENTS.get(target)
+    return found if found is not None else _ATEN_EQUIVALENTS.get(target.overloadpacket)
+
+
 # --------------------------------------------------------------------------------------------
 # Step 1 and 2: trace the copy and learn every tensor's shape in the patch network.
 # --------------------------------------------------------------------------------------------
@@ -147,6 +272,22 @@ class _Traced:
     patch_size: Pair
     in_channels: int
     num_classes: int
+
+
+@dataclass
+class _Graph:
+    """Step 1's result: a graph the caller does not own, and how it was made."""
+
+    module: fx.GraphModule
+    # The input shape a torch.export program was exported with (ints, or the names of dynamic
+    # dimensions); None for modules traced here.
+    exported_shape: tuple[int | str, ...] | None = None
+
+    @property
+    def example_batch(self) -> int:
+        """A batch size the graph accepts: exported programs may have a fixed one."""
+        batch = self.exported_shape[0] if self.exported_shape else 1
+        return batch if isinstance(batch, int) else 1
 
 
 def _infer_in_channels(module: nn.Module) -> int:
@@ -161,67 +302,259 @@ def _infer_in_channels(module: nn.Module) -> int:
     )
 
 
-def _trace(model: nn.Module, patch_size: int | tuple[int, int], in_channels: int | None) -> _Traced:
+def _graph_of(model: Classifier) -> _Graph:
+    """Step 1: the model's graph, on private copies of its parameters."""
+    if isinstance(model, ExportedModule):
+        model = model.exported_program
+    if isinstance(model, ExportedProgram) or _is_exported_module(model):
+        return _exported_graph(model)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    patch = pair(patch_size, "patch_size")
-    if min(patch) < 1:
-        raise PatchSizeError(f"patch_size must be positive, got {patch_size!r}")
+        raise TypeError(
+            "model must be a torch.nn.Module or a torch.export.ExportedProgram, got "
+            f"{type(model).__name__}"
+        )
     # Never touch the caller's model: trace a copy, in eval mode (BatchNorm statistics, no dropout).
     model = copy.deepcopy(model).eval()
     try:
-        traced = fx.symbolic_trace(model)
+        return _Graph(fx.symbolic_trace(model))
     except Exception as err:
         raise UnsupportedLayerError(
             f"torch.fx cannot trace {type(model).__name__}: {err}. Hint: remove Python control "
             "flow that depends on tensor values from forward(), or mark the offending submodule "
             "as a leaf."
         ) from err
-    channels = in_channels if in_channels is not None else _infer_in_channels(model)
-    example = torch.zeros(1, channels, *patch)
+
+
+def _is_exported_module(model: object) -> bool:
+    """Whether ``model`` is ``ep.module()`` of a torch.export program (a graph of aten ops)."""
+    return isinstance(model, fx.GraphModule) and any(
+        isinstance(node.target, OpOverload) or _is_guard(node) for node in model.graph.nodes
+    )
+
+
+def _is_guard(node: fx.Node) -> bool:
+    """The shape guard that ``ep.module()`` calls on its input (checks the patch network only)."""
+    return node.op == "call_module" and str(node.target).startswith("_guards_fn")
+
+
+def _exported_graph(model: ExportedProgram | fx.GraphModule) -> _Graph:
+    if isinstance(model, ExportedProgram):
+        signature = model.graph_signature
+        if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+            raise UnsupportedLayerError(
+                "the exported program updates its buffers or inputs (BatchNorm statistics: it was "
+                "exported in training mode). Hint: export the model in eval mode, "
+                "torch.export.export(model.eval(), (example,))."
+            )
+        model = model.module()
+    # A new GraphModule over a copy of the graph (plain code generation, no pytree wrapping of
+    # the input) with private copies of the parameters, which ep.module() shares with the
+    # caller's program and often with the original model.
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(model.graph, {}))
+    module = fx.GraphModule(model, graph, class_name="ExportedClassifier")
+    for node in graph.nodes:  # called submodules (the guard) are shared, not copied: copy them
+        if node.op == "call_module":
+            parent, _, name = str(node.target).rpartition(".")
+            owner = module.get_submodule(parent) if parent else module
+            setattr(owner, name, copy.deepcopy(module.get_submodule(str(node.target))))
+    for submodule in module.modules():
+        for name, param in submodule._parameters.items():
+            if param is not None:
+                submodule._parameters[name] = nn.Parameter(
+                    param.detach().clone(), requires_grad=param.requires_grad
+                )
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None:
+                submodule._buffers[name] = buffer.detach().clone()
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and "val" in n.meta]
+    shape = None
+    if inputs and isinstance(inputs[0].meta["val"], torch.Tensor):
+        shape = tuple(d if isinstance(d, int) else str(d) for d in inputs[0].meta["val"].shape)
+    return _Graph(module, shape)
+
+
+class ExportedModule(nn.Module):
+    """A torch.export program as a module, callable on patch batches like the original classifier.
+
+    :func:`densify` and :func:`explain` convert its ``exported_program``. Calling it runs the
+    program's graph on private copies of the parameters. Unlike ``ep.module()``, ``train()`` and
+    ``eval()`` work (they only set the flag: the mode was fixed at export), and a program exported
+    with a fixed batch size takes any batch (split into batches of that size), so per-patch code
+    such as :func:`napari_dense.reference.patchwise` can use it.
+
+    Parameters
+    ----------
+    program
+        A program exported from a patch classifier (``torch.export.export`` or ``load``).
+    """
+
+    def __init__(self, program: ExportedProgram):
+        super().__init__()
+        if not isinstance(program, ExportedProgram):
+            raise TypeError(f"expected a torch.export.ExportedProgram, got {type(program)}")
+        graph = _exported_graph(program)
+        self.network = graph.module
+        self.exported_program = program
+        batch = graph.exported_shape[0] if graph.exported_shape else None
+        self.fixed_batch = batch if isinstance(batch, int) else None
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        self.training = mode  # the program's own mode was fixed when it was exported
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
+            if x.shape[0] % self.fixed_batch:
+                raise InputError(
+                    f"the program was exported for batches of {self.fixed_batch}, got "
+                    f"{x.shape[0]}; export it with a dynamic batch (torch.export.Dim)"
+                )
+            return torch.cat([self(chunk) for chunk in x.split(self.fixed_batch)])
+        out = self.network(x)
+        return out[0] if isinstance(out, tuple | list) and len(out) == 1 else out
+
+    def extra_repr(self) -> str:
+        return f"fixed_batch={self.fixed_batch}"
+
+
+def _check_exported_shape(graph: _Graph, patch: Pair, channels: int) -> None:
+    """A program exported with a static input shape accepts only that patch (its guard says so)."""
+    shape = graph.exported_shape
+    if shape is None or len(shape) != 4:
+        return
+    height, width = shape[2:]
+    if isinstance(height, int) and isinstance(width, int) and (height, width) != patch:
+        raise PatchSizeError(
+            f"the exported program was exported for a {height}x{width} patch (input shape "
+            f"{_format_shape(shape)}), not {patch[0]}x{patch[1]}: pass patch_size=({height}, "
+            f"{width}), or export with dynamic spatial dimensions (torch.export.Dim) to accept "
+            "other patch sizes"
+        )
+    if isinstance(shape[1], int) and shape[1] != channels:
+        raise PatchSizeError(
+            f"the exported program takes {shape[1]} channel(s) (input shape "
+            f"{_format_shape(shape)}), not {channels}: drop in_channels or pass {shape[1]}"
+        )
+
+
+def _format_shape(shape: tuple[int | str, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _trace(
+    model: Classifier, patch_size: int | tuple[int, int], in_channels: int | None
+) -> _Traced:
+    patch = pair(patch_size, "patch_size")
+    if min(patch) < 1:
+        raise PatchSizeError(f"patch_size must be positive, got {patch_size!r}")
+    graph = _graph_of(model)
+    traced = graph.module
+    channels = in_channels if in_channels is not None else _graph_in_channels(graph)
+    _check_exported_shape(graph, patch, channels)
+    example = torch.zeros(graph.example_batch, channels, *patch)
     try:
         with torch.no_grad():
+            traced(example)  # first plainly: ShapeProp prints a traceback when the patch fails
             ShapeProp(traced).propagate(example)
     except Exception as err:
+        cause = _root_cause(err)
         raise PatchSizeError(
             f"the model does not accept a {patch[0]}x{patch[1]} patch with {channels} channel(s) "
-            f"({type(err).__name__}: {str(err).splitlines()[0]}). "
-            f"{_accepted_patch_sizes_hint(traced, channels)}"
+            f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}). "
+            f"{_accepted_patch_sizes_hint(graph, channels)}"
         ) from err
-    output = next(n for n in traced.graph.nodes if n.op == "output")
-    result = output.args[0]
+    result = _graph_output(traced.graph)
     shape = _shape(result) if isinstance(result, fx.Node) else None
     if shape is None or not (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))):
         raise PatchSizeError(
             f"the head must reduce the {patch[0]}x{patch[1]} patch to one vector of class scores "
             f"(N, K) or (N, K, 1, 1), but the model returns {shape if shape else type(result)}. "
-            f"{_accepted_patch_sizes_hint(traced, channels)}"
+            f"{_accepted_patch_sizes_hint(graph, channels)}"
         )
     return _Traced(traced, patch, channels, shape[1])
 
 
+def _graph_in_channels(graph: _Graph) -> int:
+    if graph.exported_shape is not None and len(graph.exported_shape) == 4:
+        if isinstance(graph.exported_shape[1], int):
+            return graph.exported_shape[1]
+    return _infer_in_channels(graph.module)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception (ShapeProp wraps the real error in a RuntimeError)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _graph_output(graph: fx.Graph) -> Any:
+    """What the graph returns; exported graphs return a one-element tuple."""
+    result = next(n for n in graph.nodes if n.op == "output").args[0]
+    if isinstance(result, tuple | list) and len(result) == 1:
+        return result[0]
+    return result
+
+
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
+    if node.op == "call_function" and node.target in _ATEN_MULTI_OUTPUT and meta:
+        meta = meta[0]  # (result, indices or statistics): the result is the tensor we densify
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _accepted_patch_sizes_hint(traced: fx.GraphModule, channels: int, largest: int = 160) -> str:
-    """Which square patch sizes the model accepts (tried cheaply on the meta device)."""
+def _accepted_sizes(graph: _Graph, channels: int, largest: int) -> list[int]:
+    """Square patch sizes at which the head reduces the patch to one vector (on meta tensors)."""
     try:
-        meta_model = copy.deepcopy(traced).to("meta")
+        meta_model = copy.deepcopy(graph.module).to("meta")
     except Exception:  # pragma: no cover - exotic modules that cannot move to meta
-        return "Check patch_size."
+        return []
     accepted = []
     for size in range(1, largest + 1):
         try:
-            out = meta_model(torch.empty(1, channels, size, size, device="meta"))
+            out = meta_model(torch.empty(graph.example_batch, channels, size, size, device="meta"))
         except Exception:
             continue
+        if isinstance(out, tuple | list) and len(out) == 1:
+            out = out[0]
         if isinstance(out, torch.Tensor) and (out.ndim == 2 or tuple(out.shape[2:]) == (1, 1)):
             accepted.append(size)
+    return accepted
+
+
+def _accepted_patch_sizes_hint(graph: _Graph, channels: int, largest: int = 160) -> str:
+    """Which square patch sizes the model accepts (tried cheaply on the meta device)."""
+    accepted = _accepted_sizes(graph, channels, largest)
     if not accepted:
         return f"No square patch size up to {largest} works: check the model's head."
     return f"This model accepts square patches of size {_ranges(accepted)}."
+
+
+def accepted_patch_sizes(
+    model: Classifier, *, in_channels: int | None = None, largest: int = 160
+) -> list[int]:
+    """The square patch sizes ``model`` accepts: those its head reduces to one vector.
+
+    Parameters
+    ----------
+    model
+        A patch classifier, as for :func:`densify` (copied, never modified).
+    in_channels
+        Input channels, when the model has no ``Conv2d`` to read them from.
+    largest
+        Largest size tried.
+
+    Returns
+    -------
+    list[int]
+        Sizes ``P`` (ascending) for which ``model`` maps ``(1, C, P, P)`` to ``(1, K)`` or
+        ``(1, K, 1, 1)``. Pooling that drops odd rows makes several sizes work; a program
+        exported with a static input shape accepts only that one.
+    """
+    graph = _graph_of(model)
+    channels = in_channels if in_channels is not None else _graph_in_channels(graph)
+    return _accepted_sizes(graph, channels, largest)
 
 
 def _ranges(values: list[int]) -> str:
@@ -269,15 +602,23 @@ class _DenseGraphBuilder:
         # because their branches are joined (their lattices must match).
         self.upstream: dict[fx.Node, frozenset[str]] = {}
         self.ties: dict[str, set[str]] = {}
+        self.owners = _layer_owners(traced.module.graph)
 
     # -- the walk ------------------------------------------------------------------------------
 
     def build(self) -> fx.Graph:
         for node in self.traced.module.graph.nodes:
+            layers_before = len(self.layers)
             if node.op == "placeholder":
                 self._placeholder(node)
             elif node.op == "output":
                 self._output(node)
+            elif _is_guard(node) or _aten_equivalent(node.target) == "check":
+                # Shape guards and assertions of an exported program hold for the patch network,
+                # not the dense one; they compute nothing, so they are left out.
+                if node.users:
+                    raise self._unsupported(node, "a later operation reads this assertion.")
+                continue
             elif not any(arg in self.lattice for arg in node.all_input_nodes):
                 self._copy(node)  # does not touch the image: same in both networks
             elif node.op == "call_module":
@@ -289,7 +630,8 @@ class _DenseGraphBuilder:
             else:  # pragma: no cover - fx has no other kinds of nodes
                 raise self._unsupported(node)
             self._account_memory(node)
-            self._track_upstream(node)
+            added = self.layers[-1].name if len(self.layers) > layers_before else None
+            self._track_upstream(node, added)
         unknown = set(self.requested) - {layer.name for layer in self.layers}
         if unknown:
             names = ", ".join(layer.name for layer in self.layers) or "none"
@@ -321,7 +663,7 @@ class _DenseGraphBuilder:
         self.costs.bytes_per_pixel[node] = 4.0 * self.traced.in_channels
 
     def _output(self, node: fx.Node) -> None:
-        result = node.args[0]
+        result = _graph_output(self.traced.module.graph)
         if not isinstance(result, fx.Node) or result not in self.lattice:
             raise UnsupportedLayerError(
                 "the model must return one tensor of class scores computed from its input"
@@ -396,7 +738,7 @@ class _DenseGraphBuilder:
         elif isinstance(module, _IDENTITY_MODULES):
             self._alias(node, x)
         elif isinstance(module, nn.Softmax | nn.LogSoftmax | nn.Softmin):
-            self._softmax(node, x, module.dim)
+            self._softmax(node, x, module.dim, _SOFTMAX_MODULES[type(module)])
         elif isinstance(module, _ELEMENTWISE_MODULES):
             self._elementwise(node)
         else:
@@ -404,7 +746,18 @@ class _DenseGraphBuilder:
 
     def _call_function(self, node: fx.Node) -> None:
         target = node.target
-        if target in _ELEMENTWISE_FUNCTIONS:
+        equivalent = _aten_equivalent(target)
+        if equivalent is not None:
+            self._call_aten(node, equivalent)
+        elif isinstance(target, OpOverload):
+            raise self._unsupported(
+                node,
+                "it has no exact dense equivalent. Hint: replace it in the model and export "
+                f"again. {_SUPPORTED_ATEN}",
+            )
+        elif target is operator.getitem and _is_multi_output(node.args[0]):
+            self._multi_output_item(node, node.args[0], node.args[1])
+        elif target in _ELEMENTWISE_FUNCTIONS:
             self._elementwise(node)
         elif target in _IDENTITY_FUNCTIONS:
             self._alias(node, node.args[0])
@@ -431,12 +784,96 @@ class _DenseGraphBuilder:
                 F.batch_norm,
             )
         ):
-            self._functional(node, self._normalized(node))
+            self._functional(node, self._normalized(node), target)
         else:
             raise self._unsupported(node)
 
-    def _functional(self, node: fx.Node, kw: dict[str, Any]) -> None:
-        target, x = node.target, kw.get("input")
+    def _call_aten(self, node: fx.Node, equivalent: Callable[..., Any] | str) -> None:
+        """An aten operator of an exported graph, handled as the call it implements."""
+        x = node.args[0] if node.args else None
+        if equivalent == "elementwise":
+            self._elementwise(node)
+        elif equivalent == "reshape":
+            self._reshape_like(node, x)
+        elif equivalent == "alias":
+            self._alias(node, x)
+        elif equivalent == "dropout":
+            if self._normalized(node).get("train"):
+                raise self._unsupported(node, _TRAINING_MODE_HINT)
+            self._alias(node, x)
+        elif equivalent == "size":
+            self._copy(node)
+            if self._normalized(node).get("dim") not in (0, -4):
+                self.spatial_size_reads.append(node)
+        elif equivalent == "matmul":
+            self._matmul(node, self._normalized(node))
+        elif equivalent == "mutation":
+            raise self._unsupported(node, f"it writes a buffer or an input: {_TRAINING_MODE_HINT}")
+        elif equivalent is torch.cat:
+            self._cat(node)
+        elif equivalent is torch.flatten:
+            self._reshape_like(node, x)
+        elif callable(equivalent):
+            kw = self._normalized(node)
+            if kw.get("training"):
+                raise self._unsupported(node, _TRAINING_MODE_HINT)
+            if equivalent is F.conv2d and (kw.get("transposed") or len(_shape(x) or ()) != 4):
+                raise self._unsupported(node, "only 2D convolutions (not transposed) densify.")
+            self._functional(node, kw, equivalent)
+        else:  # pragma: no cover - every kind of the table is handled above
+            raise self._unsupported(node)
+
+    def _multi_output_item(self, node: fx.Node, source: fx.Node, index: Any) -> None:
+        """``getitem`` of an aten operator returning (result, indices or statistics)."""
+        if index == 0:
+            self._alias(node, source)
+        elif node.users:
+            raise self._unsupported(
+                node, f"it uses output {index} of {source.target} (indices or statistics)."
+            )
+        # else: unused indices or statistics; nothing to emit.
+
+    def _matmul(self, node: fx.Node, kw: dict[str, Any]) -> None:
+        """``addmm(bias, x, weight.T)`` / ``mm(x, weight.T)``: a Linear after run_decompositions."""
+        x, transposed = kw.get("mat1", kw.get("input")), kw["mat2"]
+        bias = kw.get("input") if "mat1" in kw else None
+        constants = [a for a in (transposed, bias) if isinstance(a, fx.Node)]
+        if (
+            x not in self.lattice
+            or any(a in self.lattice for a in constants)
+            or kw.get("beta", 1) != 1
+            or kw.get("alpha", 1) != 1
+            or (bias is not None and len(_shape(bias) or ()) != 1)
+        ):
+            raise self._unsupported(
+                node, "only products of features with constant weights (a Linear) densify."
+            )
+        self._linear(node, x, self._untransposed(transposed), _env_or_none(self.env, bias))
+
+    def _untransposed(self, transposed: fx.Node) -> fx.Node:
+        """The (out, in) weight of ``x @ transposed``: the weight itself when it was transposed."""
+        source = transposed.args[0] if transposed.args else None
+        dims = [d % 2 for d in _flat(transposed.args[1:])]
+        swaps_axes = (transposed.target in _ATEN_TRANSPOSES and dims in ([], [0, 1], [1, 0])) or (
+            transposed.target in _ATEN_PERMUTE and dims == [1, 0]
+        )
+        if (
+            transposed.op == "call_function"
+            and swaps_axes
+            and isinstance(source, fx.Node)
+            and len(_shape(source) or ()) == 2
+        ):
+            return self.env[source]
+        weight = self.graph.call_method("t", (self.env[transposed],))
+        return self.graph.call_method("contiguous", (weight,))
+
+    def _functional(
+        self, node: fx.Node, kw: dict[str, Any], target: Callable[..., Any] | None = None
+    ) -> None:
+        """A functional call (or the aten operator implementing ``target``) with named args."""
+        if target is None:
+            target = node.target  # type: ignore[assignment]
+        x, name = kw.get("input"), self._layer_name(node)
         if target is F.conv2d:
             self._conv(
                 node,
@@ -448,8 +885,8 @@ class _DenseGraphBuilder:
                 kw.get("dilation", 1),
                 kw.get("groups", 1),
                 "zeros",
-                op="conv2d",
-                name=node.name,
+                op=self._layer_op(node, "conv2d"),
+                name=name,
             )
         elif target in (F.max_pool2d, F.avg_pool2d):
             is_max = target is F.max_pool2d
@@ -465,18 +902,18 @@ class _DenseGraphBuilder:
                 kw.get("dilation", 1) if is_max else 1,
                 kw.get("ceil_mode", False),
                 None if is_max else kw.get("divisor_override"),
-                op=target.__name__ if not is_max else "max_pool2d",
-                name=node.name,
+                op=self._layer_op(node, "max_pool2d" if is_max else "avg_pool2d"),
+                name=name,
             )
         elif target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
             kind = "avg" if target is F.adaptive_avg_pool2d else "max"
-            self._adaptive_pool(node, x, kind, kw["output_size"], name=node.name)
+            self._adaptive_pool(node, x, kind, kw["output_size"], name=name)
         elif target is F.linear:
             self._linear(node, x, self.env[kw["weight"]], _env_or_none(self.env, kw.get("bias")))
         elif target is F.batch_norm:
             self._batch_norm(node, x, kw)
         elif target in _SOFTMAX_FUNCTIONS:
-            self._softmax(node, x, kw.get("dim"))
+            self._softmax(node, x, kw.get("dim"), target)
         else:
             self._reduce(
                 node, x, _REDUCE_FUNCTIONS[target], kw.get("dim"), kw.get("keepdim", False)
@@ -495,7 +932,7 @@ class _DenseGraphBuilder:
                 self.spatial_size_reads.append(node)
         elif method in ("softmax", "log_softmax"):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            self._softmax(node, x, dim)
+            self._softmax(node, x, dim, F.softmax if method == "softmax" else F.log_softmax)
         elif method in _REDUCE_METHODS:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             self._reduce(node, x, _REDUCE_METHODS[method], dim, node.kwargs.get("keepdim", False))
@@ -819,16 +1256,11 @@ class _DenseGraphBuilder:
         )
         self._same_lattice(node, x)
 
-    def _softmax(self, node: fx.Node, x: fx.Node, dim: Any) -> None:
+    def _softmax(self, node: fx.Node, x: fx.Node, dim: Any, function: Callable[..., Any]) -> None:
+        """``function`` (softmax, log_softmax, softmin) over the class dimension."""
         shape = _shape(x)
         if dim is None or shape is None or dim % len(shape) != 1:
             raise self._unsupported(node, "softmax must run over the class dimension (dim=1).")
-        if node.op == "call_module":
-            function = _SOFTMAX_MODULES[type(self.modules[node.target])]
-        elif node.op == "call_method":
-            function = F.softmax if node.target == "softmax" else F.log_softmax
-        else:
-            function = node.target  # type: ignore[assignment]
         # The class dimension is 1 in the dense tensor (N, K, H, W), whatever it was in (N, K).
         self.env[node] = self.graph.call_function(function, (self.env[x],), {"dim": 1})
         self._same_lattice(node, x)
@@ -921,7 +1353,7 @@ class _DenseGraphBuilder:
     def _mark_inexact(self, reason: str) -> None:
         self.inexact.append(reason)
 
-    def _track_upstream(self, node: fx.Node) -> None:
+    def _track_upstream(self, node: fx.Node, new_layer: str | None) -> None:
         if node not in self.lattice:
             return
         branches = [self.upstream[a] for a in node.all_input_nodes if a in self.upstream]
@@ -931,8 +1363,8 @@ class _DenseGraphBuilder:
             group = set(tied).union(*(self.ties.get(name, set()) for name in tied))
             for name in group:
                 self.ties[name] = group
-        if self.layers and self.layers[-1].name == _layer_name(node):
-            upstream |= {self.layers[-1].name}
+        if new_layer is not None:
+            upstream |= {new_layer}
         self.upstream[node] = upstream
 
     def _account_memory(self, node: fx.Node) -> None:
@@ -946,13 +1378,32 @@ class _DenseGraphBuilder:
         inputs = sum(self.costs.bytes_per_pixel.get(a, 0.0) for a in node.all_input_nodes)
         self.costs.peak_bytes_per_pixel = max(self.costs.peak_bytes_per_pixel, inputs + per_pixel)
 
+    def _layer_name(self, node: fx.Node) -> str:
+        """The name of a striding layer in the plan (what ``sampling`` mappings refer to).
+
+        A module's qualified name (``features.2``); for an aten operator, the name of the module
+        torch.export recorded around it, as the fx path names it; else the node's name.
+        """
+        if node.op == "call_module":
+            return str(node.target)
+        owner = self.owners.get(node)
+        return owner[0] if owner else node.name
+
+    def _layer_op(self, node: fx.Node, functional: str) -> str:
+        """The layer's type for the plan: its module's class name, else the functional's name."""
+        owner = self.owners.get(node)
+        return owner[1].__name__ if owner else functional
+
     def _unsupported(self, node: fx.Node, why: str | None = None) -> UnsupportedLayerError:
         stack = node.meta.get("nn_module_stack") or {}
-        where = f" in module '{list(stack)[-1]}'" if stack else ""
+        paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+        where = f" in module '{paths[-1]}'" if paths else ""
         if node.op == "call_module":
             what = f"{type(self.modules[node.target]).__name__} module '{node.target}'"
         elif node.op == "call_method":
             what = f"method .{node.target}()"
+        elif isinstance(node.target, OpOverload):
+            what = f"operator {node.target}"
         else:
             what = f"function {getattr(node.target, '__name__', node.target)}()"
         reason = why or f"it has no exact dense equivalent. {_SUPPORTED}"
@@ -986,14 +1437,48 @@ def _padding4(
         pad = (px, px, py, py)
     if any(pad):
         builder._mark_inexact(
-            f"{node.target if node.op == 'call_module' else node.name}: padding {pad[2]},{pad[0]}"
+            f"{builder._layer_name(node)}: padding {pad[2]},{pad[0]}"
             " inside the network (per-patch results depend on the patch border)"
         )
     return pad
 
 
-def _layer_name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
+def _flat(values: Iterable[Any]) -> list[Any]:
+    """``(1, 0)`` from ``([1, 0],)`` (permute) or ``(1, 0)`` (transpose)."""
+    return [v for item in values for v in (item if isinstance(item, list | tuple) else [item])]
+
+
+def _is_multi_output(node: Any) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and (node.target in _ATEN_MULTI_OUTPUT)
+    )
+
+
+def _layer_owners(graph: fx.Graph) -> dict[fx.Node, tuple[str, type[nn.Module]]]:
+    """For aten operators of exported graphs: the layer module each implements (path, class).
+
+    torch.export records the module calls around every operator (``nn_module_stack``); the
+    innermost one names the layer when it is the module of that operator (a Conv2d around
+    conv2d) and owns no other such operator.
+    """
+    candidates: dict[fx.Node, tuple[str, type[nn.Module]]] = {}
+    for node in graph.nodes:
+        equivalent = _aten_equivalent(node.target) if node.op == "call_function" else None
+        layer_type = _LAYER_MODULES.get(equivalent) if callable(equivalent) else None
+        stack = node.meta.get("nn_module_stack") or {}
+        if layer_type is None or not stack:
+            continue
+        entry = list(stack.values())[-1]
+        if not (isinstance(entry, tuple) and len(entry) == 2 and entry[0]):
+            continue
+        path, module_type = entry
+        qualified = f"{layer_type.__module__}.{layer_type.__qualname__}"
+        if module_type is layer_type or module_type == qualified:
+            candidates[node] = (str(path), layer_type)
+    uses = collections.Counter(path for path, _ in candidates.values())
+    return {node: owner for node, owner in candidates.items() if uses[owner[0]] == 1}
 
 
 def _fetch_attr(module: nn.Module, target: str) -> Any:
@@ -1032,12 +1517,18 @@ def _build(
     _relu_in_place(network)
     network.graph.lint()
     network.recompile()
-    output = next(n for n in traced.module.graph.nodes if n.op == "output").args[0]
+    return network, _plan_of(builder)
+
+
+def _plan_of(builder: _DenseGraphBuilder) -> DensePlan:
+    """The plan of a built graph (costs are counted while building, before any compiling)."""
+    traced = builder.traced
+    output = _graph_output(traced.module.graph)
     layers = tuple(
         replace(layer, tied_with=tuple(sorted(builder.ties.get(layer.name, set()) - {layer.name})))
         for layer in builder.layers
     )
-    plan = DensePlan(
+    return DensePlan(
         patch_size=traced.patch_size,
         in_channels=traced.in_channels,
         num_classes=traced.num_classes,
@@ -1050,9 +1541,9 @@ def _build(
         bytes_per_megapixel=builder.costs.peak_bytes_per_pixel * 1e6,
         inexact_reasons=tuple(builder.inexact),
     )
-    return network, plan
 
 
+_ATEN_RELU = torch.ops.aten.relu.default
 _FRESH_OUTPUTS = {_ops.dense_conv2d, _ops.linear_as_conv2d, F.batch_norm, _ops.crop_cat}
 
 
@@ -1065,7 +1556,7 @@ def _relu_in_place(network: fx.GraphModule) -> None:
     for node in list(network.graph.nodes):
         is_relu = (
             (node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU)
-            or (node.op == "call_function" and node.target in (F.relu, torch.relu))
+            or (node.op == "call_function" and node.target in (F.relu, torch.relu, _ATEN_RELU))
             or (node.op == "call_method" and node.target == "relu")
         )
         source = node.args[0] if node.args else None
@@ -1090,10 +1581,12 @@ def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
     layers = []
     for layer in plan.layers:
         group = (layer.name, *layer.tied_with)
-        variants = {
-            choice: _build(traced, {**plan.sampling, **dict.fromkeys(group, choice)})[1]
-            for choice in _SAMPLINGS
-        }
+        variants = {}
+        for choice in _SAMPLINGS:
+            # Only the costs are needed: the graph is built, never compiled into a module.
+            builder = _DenseGraphBuilder(traced, {**plan.sampling, **dict.fromkeys(group, choice)})
+            builder.build()
+            variants[choice] = _plan_of(builder)
         layers.append(
             replace(
                 layer,
@@ -1108,7 +1601,7 @@ def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
 
 
 def explain(
-    model: nn.Module,
+    model: Classifier,
     patch_size: int | tuple[int, int],
     *,
     sampling: SamplingSpec = "all",
@@ -1133,7 +1626,7 @@ def explain(
 
 
 def densify(
-    model: nn.Module,
+    model: Classifier,
     patch_size: int | tuple[int, int],
     *,
     sampling: SamplingSpec = "all",
@@ -1145,10 +1638,14 @@ def densify(
     Parameters
     ----------
     model
-        A module mapping ``(N, C, Ph, Pw)`` to class scores ``(N, K)`` or ``(N, K, 1, 1)``. It is
-        copied, never modified.
+        A module mapping ``(N, C, Ph, Pw)`` to class scores ``(N, K)`` or ``(N, K, 1, 1)``
+        (traced with torch.fx), or a :func:`torch.export.export` program of one (or its
+        ``ep.module()``, or an :class:`ExportedModule`), exported in eval mode with a
+        ``(N, C, Ph, Pw)`` example (or dynamic spatial dimensions). It is copied, never
+        modified.
     patch_size
-        ``Ph`` or ``(Ph, Pw)``: the patch the classifier was trained on.
+        ``Ph`` or ``(Ph, Pw)``: the patch the classifier was trained on (for an exported
+        program, the patch it was exported with).
     sampling
         ``"all"`` (advanced: every pooling/strided layer evaluated at all phases, exact at every
         pixel), ``"none"`` (simple: fully convolutional, one output per ``output_stride``

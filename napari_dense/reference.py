@@ -60,8 +60,10 @@ def patchwise(
     else:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
         ys, xs = positions[:, 0], positions[:, 1]
-    was_training = model.training
-    model.eval()
+    if hasattr(model, "graph_module"):  # a torch.export program: evaluate its module
+        model = model.module()
+    was_training = getattr(model, "training", False)
+    _set_training(model, False)
     outputs = []
     try:
         with torch.inference_mode():
@@ -71,8 +73,16 @@ def patchwise(
                 batch = patches[:, y, xx].permute(1, 0, 2, 3)  # (B, C, Ph, Pw)
                 outputs.append(model(batch.contiguous()).reshape(len(y), -1).float().cpu())
     finally:
-        model.train(was_training)
+        _set_training(model, was_training)
     result = torch.cat(outputs).T.numpy()
     if positions is None:
         return np.ascontiguousarray(result.reshape(-1, height, width))
     return np.ascontiguousarray(result)
+
+
+def _set_training(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``; exported programs' modules refuse it and are always eval."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
