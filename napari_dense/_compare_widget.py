@@ -1,0 +1,182 @@
+"""The "Compare modes" panel: simple vs custom vs advanced on the image or the field of view.
+
+Shows time, throughput, peak memory and the difference to advanced (exact) for each mode, the
+exactness check of advanced against per-patch evaluation, a |simple − advanced| layer (where
+interpolation fails: object boundaries) and bars of time and memory. Copyable as markdown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import napari
+import numpy as np
+from magicgui.widgets import Container, Label, PushButton, RadioButtons, Table
+from napari.qt.threading import FunctionWorker, create_worker
+from napari.utils.notifications import show_error
+from qtpy.QtWidgets import QApplication
+
+from ._widget import _image_data, dense_widget_of
+from .compare import ModeComparison, compare_modes
+
+__all__ = ["CompareModesWidget"]
+
+BAR_WIDTH = 160  # pixels of the longest bar
+
+
+class CompareModesWidget(Container):
+    """Side panel comparing the dense modes of the Dense inference widget's model."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__()
+        self._viewer = viewer
+        self._region = RadioButtons(
+            label="region",
+            choices=["field of view", "whole image"],
+            value="field of view",
+            orientation="horizontal",
+        )
+        self._run_button = PushButton(text="Compare")
+        self._table = Table(value={"data": [], "columns": []})
+        self._exactness = Label(value="")
+        self._bars = Label(value="")
+        self._copy_button = PushButton(text="Copy as markdown", enabled=False)
+        self.extend(
+            [
+                self._region,
+                self._run_button,
+                self._table,
+                self._exactness,
+                self._bars,
+                self._copy_button,
+            ]
+        )
+        self._run_button.changed.connect(self.run)
+        self._copy_button.changed.connect(self.copy_markdown)
+        self.comparison: ModeComparison | None = None
+        self._worker: FunctionWorker | None = None
+
+    def run(self, _: Any = None) -> FunctionWorker | None:
+        """Compare in a worker thread; returns the worker (tests wait on it)."""
+        dense = dense_widget_of(self._viewer)
+        layer, loaded = dense._image.value, dense._loaded
+        if layer is None or loaded is None:
+            show_error("napari-dense: choose an image layer and load a model in Dense inference")
+            return None
+        image = np.asarray(_image_data(layer))
+        offset = (0, 0)
+        if self._region.value == "field of view":
+            image, offset = _visible_region(self._viewer, layer, image)
+        sampling = dense.sampling()
+        modes: list[Any] = ["simple"]
+        if set(sampling.values()) == {"all", "none"}:
+            modes.append(sampling)
+        modes.append("advanced")
+        worker = create_worker(
+            compare_modes,
+            image,
+            loaded.module,
+            loaded.metadata.patch_size,
+            modes=modes,
+            channel_axis=-1 if layer.rgb else None,
+            device=dense._device.value,
+            _start_thread=False,
+        )
+        worker.returned.connect(lambda result: self._show(result, layer, offset))
+        worker.errored.connect(lambda err: show_error(f"napari-dense: {err}"))
+        worker.finished.connect(lambda: setattr(self._run_button, "enabled", True))
+        self._run_button.enabled = False
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def _show(self, comparison: ModeComparison, layer: Any, offset: tuple[int, int]) -> None:
+        self.comparison = comparison
+        columns = [
+            "mode",
+            "stride",
+            "time s",
+            "Mpx/s",
+            "host MiB",
+            "GPU MiB",
+            "max |Δ|",
+            "mean |Δ|",
+        ]
+        rows = [
+            [
+                r.mode,
+                f"{r.output_stride[0]}x{r.output_stride[1]}",
+                f"{r.seconds:.3f}",
+                f"{r.megapixels_per_second:.2f}",
+                f"{r.peak_host_bytes / 2**20:.0f}",
+                f"{r.peak_device_bytes / 2**20:.0f}",
+                f"{r.max_abs_diff:.2e}",
+                f"{r.mean_abs_diff:.2e}",
+            ]
+            for r in comparison.results
+        ]
+        self._table.value = {"data": rows, "columns": columns}
+        self._exactness.value = (
+            f"advanced vs per-patch on {comparison.oracle_pixels} random pixels: "
+            f"max |Δ| = {comparison.oracle_max_abs_diff:.1e}"
+            + ("" if comparison.exact else " (model not exact: padding)")
+        )
+        self._bars.value = _bar_chart(comparison)
+        self._copy_button.enabled = True
+        if comparison.difference is not None:
+            name = "|simple − advanced| (napari-dense)"
+            if name in self._viewer.layers:
+                self._viewer.layers.remove(name)
+            self._viewer.add_image(
+                comparison.difference,
+                name=name,
+                colormap="inferno",
+                blending="additive",
+                scale=layer.scale[-2:],
+                translate=np.asarray(layer.translate[-2:])
+                + np.asarray(offset) * np.asarray(layer.scale[-2:]),
+            )
+
+    def copy_markdown(self, _: Any = None) -> str:
+        """Copy the comparison as a markdown table to the clipboard (and return it)."""
+        if self.comparison is None:
+            return ""
+        text = self.comparison.to_markdown()
+        clipboard = QApplication.clipboard()
+        if clipboard is not None:
+            clipboard.setText(text)
+        return text
+
+
+def _visible_region(
+    viewer: Any, layer: Any, image: np.ndarray
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The part of ``image`` in the current field of view (at least 64 px a side)."""
+    height, width = image.shape[:2] if layer.rgb else image.shape[-2:]
+    # napari keeps the displayed data corners of each layer up to date while drawing.
+    (y0, x0), (y1, x1) = np.asarray(layer.corner_pixels, dtype=int)[:, -2:]
+    y0, x0 = max(min(y0, height - 64), 0), max(min(x0, width - 64), 0)
+    y1, x1 = min(max(y1, y0 + 64), height), min(max(x1, x0 + 64), width)
+    region = image[y0:y1, x0:x1] if layer.rgb else image[..., y0:y1, x0:x1]
+    return region, (int(y0), int(x0))
+
+
+def _bar_chart(comparison: ModeComparison) -> str:
+    """Time and memory per mode as HTML bars (a QLabel renders them)."""
+    longest = max(r.seconds for r in comparison.results) or 1.0
+    biggest = max(max(r.peak_host_bytes, r.peak_device_bytes) for r in comparison.results) or 1
+    rows = []
+    for r in comparison.results:
+        memory = max(r.peak_host_bytes, r.peak_device_bytes)
+        rows.append(
+            f"<tr><td>{r.mode}</td>"
+            f"<td><div style='background:#5b8def;width:{int(BAR_WIDTH * r.seconds / longest)}px'>"
+            f"&nbsp;</div></td><td>{r.seconds:.2f} s</td>"
+            f"<td><div style='background:#e08a3c;width:{int(BAR_WIDTH * memory / biggest)}px'>"
+            f"&nbsp;</div></td><td>{memory / 2**20:.0f} MiB</td></tr>"
+        )
+    return (
+        "<table><tr><th></th><th colspan=2>time</th><th colspan=2>memory</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )

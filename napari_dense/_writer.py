@@ -1,0 +1,51 @@
+"""Write probability-map image layers to OME-Zarr through the engine's store (provenance kept)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .store import ProbabilityStore
+
+__all__ = ["write_probability_maps"]
+
+CHUNK = 1024
+
+
+def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of the store a napari-dense layer came from, plus the layer's name."""
+    info = dict(meta.get("metadata", {}).get("napari_dense", {}))
+    provenance: dict[str, Any] = {"layer": meta.get("name")}
+    source = info.get("store")
+    if source:
+        try:
+            provenance.update(ProbabilityStore.open(source).attributes)
+        except Exception:  # the temporary store is gone: keep what the layer knows
+            provenance["source_store"] = source
+    provenance["complete"] = False
+    return provenance
+
+
+def write_probability_maps(
+    path: str, layer_data: list[tuple[Any, dict[str, Any], str]]
+) -> list[str]:
+    """napari writer hook: one or more 2-D image layers -> one OME-Zarr map, one class each."""
+    arrays = [np.asarray(data, dtype=np.float32) for data, _, _ in layer_data]
+    if any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) != 1:
+        raise ValueError("napari-dense writes 2-D probability layers of one shape (Y, X)")
+    names = [meta.get("name", f"class {k}") for k, (_, meta, _) in enumerate(layer_data)]
+    names = [name.removesuffix(" (napari-dense)") for name in names]
+    height, width = arrays[0].shape
+    chunks = (min(CHUNK, height), min(CHUNK, width))
+    store = ProbabilityStore.create(
+        path, shape=(len(arrays), height, width), axes="cyx", chunks=chunks, class_names=names,
+        attributes=_provenance(layer_data[0][1]), overwrite=True,
+    )  # fmt: skip
+    stacked = np.stack(arrays)
+    for y0 in range(0, height, chunks[0]):
+        for x0 in range(0, width, chunks[1]):
+            y1, x1 = min(y0 + chunks[0], height), min(x0 + chunks[1], width)
+            store.write_tile((), (y0, y1, x0, x1), stacked[:, y0:y1, x0:x1])
+    store.finalize(attributes={"complete": True})
+    return [path]

@@ -1,0 +1,1 @@
+"""The demo: patch classifiers trained on scikit-image's immunohistochemistry image."""

@@ -1,0 +1,180 @@
+"""The napari plugin, driven as a user would (real viewer under Xvfb via pytest-xvfb)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from qtpy.QtCore import QTimer
+
+import napari_dense as nd
+from napari_dense._compare_widget import CompareModesWidget
+from napari_dense._widget import DenseInferenceWidget
+from napari_dense.model_files import ModelMetadata, save_classifier
+from napari_dense.models import patchnet32
+
+CLASSES = ["nucleus", "other"]
+
+
+@pytest.fixture(scope="module")
+def model_and_file(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(0)
+    model = patchnet32(num_classes=2).eval()  # ends in a softmax: activation "none"
+    path = tmp_path_factory.mktemp("model") / "patchnet.pt2"
+    metadata = ModelMetadata(
+        patch_size=(32, 32), in_channels=3, class_names=CLASSES, name="patchnet", activation="none"
+    )
+    save_classifier(model, path, metadata=metadata)
+    return model, path
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return np.random.default_rng(0).random((70, 83, 3), dtype=np.float32)
+
+
+def _wait(qtbot, widget: DenseInferenceWidget, timeout: int = 120_000) -> None:
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
+
+
+def _output(widget: DenseInferenceWidget) -> np.ndarray:
+    return np.stack([np.asarray(layer.data) for layer in widget._output_layers])
+
+
+@pytest.fixture
+def dense_widget(make_napari_viewer, model_and_file, image) -> DenseInferenceWidget:
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells", rgb=True)
+    widget = DenseInferenceWidget(viewer)
+    widget.load_model(model_and_file[1])
+    return widget
+
+
+@pytest.mark.parametrize("preset", ["Advanced", "Simple", "Custom"])
+def test_run_fills_the_overlay_with_the_exact_prediction(
+    qtbot, dense_widget, model_and_file, image, preset
+) -> None:
+    model, _ = model_and_file
+    widget = dense_widget
+    if preset == "Custom":
+        widget._switches[0].value = True
+        widget._switches[1].value = False
+        assert widget._preset.value == "Custom"
+    else:
+        widget._preset.value = preset
+    widget._tile.value = 32
+    sampling = widget.sampling()
+    assert widget.run() is not None
+    _wait(qtbot, widget)
+    out = _output(widget)
+    expected = nd.predict(image, model, 32, mode=sampling)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert widget._run_button.enabled and not widget._cancel_button.enabled
+    assert widget._store.is_complete()
+    assert [layer.name for layer in widget._output_layers] == [
+        f"{c} (napari-dense)" for c in CLASSES
+    ]
+
+
+def test_cancel_keeps_finished_tiles_and_a_second_run_works(
+    qtbot, make_napari_viewer, model_and_file
+) -> None:
+    model, path = model_and_file
+    image = np.random.default_rng(1).random((256, 256, 3), dtype=np.float32)
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="big", rgb=True)
+    widget = DenseInferenceWidget(viewer)
+    widget.load_model(path)
+    widget._tile.value = 16  # 256 tiles: a cancel lands well before the end
+    worker = widget.run()
+    assert worker is not None
+    seen: list[int] = []
+    worker.yielded.connect(lambda result: (seen.append(result.index), widget.cancel()))
+    _wait(qtbot, widget)
+    done = widget._store.completed_tiles()
+    assert 1 <= len(done) < widget._bar.max
+    assert not widget._store.is_complete() and "stopped" in widget._status.value
+    expected = nd.predict(image, model, 32)
+    out = _output(widget)
+    for _, (y0, y1, x0, x1) in done:
+        np.testing.assert_allclose(out[:, y0:y1, x0:x1], expected[:, y0:y1, x0:x1], atol=1e-5)
+    assert widget.run() is not None  # the widget is usable again
+    _wait(qtbot, widget)
+    np.testing.assert_allclose(_output(widget), expected, atol=1e-5)
+
+
+def test_gui_stays_responsive_during_a_run(qtbot, dense_widget) -> None:
+    widget = dense_widget
+    widget._tile.value = 32
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    widget.run()
+    _wait(qtbot, widget)
+    timer.stop()
+    gaps = np.diff(ticks) * 1000
+    assert len(gaps) > 5
+    print(
+        f"\nevent-loop latency during a run: max {gaps.max():.0f} ms, "
+        f"median {np.median(gaps):.0f} ms over {len(gaps)} ticks"
+    )
+
+
+def test_compare_panel_fills_table_and_difference_layer(qtbot, dense_widget) -> None:
+    viewer = dense_widget._viewer
+    panel = CompareModesWidget(viewer)
+    panel._region.value = "whole image"
+    worker = panel.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: panel.comparison is not None, timeout=120_000)
+    comparison = panel.comparison
+    assert [r.mode for r in comparison.results] == ["simple", "advanced"]
+    assert len(panel._table.value["data"]) == 2
+    assert comparison.oracle_max_abs_diff < 1e-4
+    assert comparison.results[0].max_abs_diff > comparison.results[1].max_abs_diff == 0
+    assert "|simple − advanced| (napari-dense)" in viewer.layers
+    assert panel.copy_markdown().startswith("| mode |")
+
+
+def test_dropping_a_model_file_loads_it(make_napari_viewer, model_and_file) -> None:
+    viewer = make_napari_viewer()
+    layers_before = len(viewer.layers)
+    viewer.open(str(model_and_file[1]), plugin="napari-dense")
+    assert len(viewer.layers) == layers_before
+    from napari_dense._widget import dense_widget_of
+
+    widget = dense_widget_of(viewer)
+    assert widget._loaded is not None and "patch 32x32" in widget._model_info.value
+
+
+def test_writer_round_trip_with_napari_ome_zarr(qtbot, dense_widget, tmp_path) -> None:
+    reader_module = pytest.importorskip("napari_ome_zarr._reader")
+    widget = dense_widget
+    widget._tile.value = 48
+    widget.run()
+    _wait(qtbot, widget)
+    viewer = widget._viewer
+    out = tmp_path / "export.zarr"
+    viewer.layers.selection = set(widget._output_layers)
+    written = viewer.layers.save(str(out), selected=True, plugin="napari-dense")
+    assert written == [str(out)]
+    reader = reader_module.napari_get_reader(str(out))
+    assert reader is not None
+    layer_data = reader(str(out))
+    data = np.asarray(
+        layer_data[0][0][0] if isinstance(layer_data[0][0], list) else layer_data[0][0]
+    )
+    np.testing.assert_allclose(data, _output(widget), atol=1e-6)
+    from napari_dense.store import ProbabilityStore
+
+    store = ProbabilityStore.open(out)
+    assert store.attributes["patch_size"] == [32, 32]
+    assert store.class_names == CLASSES
