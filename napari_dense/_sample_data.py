@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["immunohistochemistry", "ihc_mosaic"]
+__all__ = ["ihc_mosaic", "immunohistochemistry"]
 
 MOSAIC_REPEATS = 32  # 512 px × 32 = a 16384 × 16384 RGB image (805 MB if it were in memory)
 

@@ -400,7 +400,7 @@ class StoreClassView:
             at = next(i for i, k in enumerate(key) if k is Ellipsis)
             key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1 :]
         key = key + (slice(None),) * (self.ndim - len(key))
-        full = key[: self._axis] + (self._index,) + key[self._axis :]
+        full = (*key[: self._axis], self._index, *key[self._axis :])
         return np.asarray(self._array[full])
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

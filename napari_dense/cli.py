@@ -37,7 +37,7 @@ def _builtin_net(name: str) -> tuple[torch.nn.Module, int, int] | None:
     return factory().eval(), patch, channels
 
 
-def _load_model(name: str) -> tuple[Any, int | tuple[int, int] | None, int]:
+def _load_model(name: str) -> tuple[Any, Any, int]:
     """A built-in benchmark net (random weights) or a model file; (model, patch, channels)."""
     builtin = _builtin_net(name)
     if builtin is not None:
@@ -50,7 +50,7 @@ def _load_model(name: str) -> tuple[Any, int | tuple[int, int] | None, int]:
     from .model_files import load_classifier
 
     loaded = load_classifier(name)
-    return loaded, loaded.metadata.patch_size, loaded.metadata.in_channels
+    return loaded, loaded.metadata.patch_size, int(loaded.metadata.in_channels or 0)
 
 
 def _parse_sampling(text: str) -> str | dict[str, str]:

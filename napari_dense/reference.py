@@ -60,7 +60,7 @@ def patchwise(
     else:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
         ys, xs = positions[:, 0], positions[:, 1]
-    if hasattr(model, "graph_module"):  # a torch.export program: evaluate its module
+    if isinstance(model, torch.export.ExportedProgram):  # evaluate the program's module
         model = model.module()
     was_training = getattr(model, "training", False)
     _set_training(model, False)

@@ -104,7 +104,7 @@ def _read_zarr(path: Path, level: int) -> tuple[Any, int | None]:
     node = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
         return node, None
-    attrs = dict(node.attrs)
+    attrs: dict[str, Any] = dict(node.attrs)
     multiscales = (attrs.get("ome") or attrs).get("multiscales")
     if not multiscales:
         raise InputError(

@@ -115,7 +115,7 @@ def train(
     image = data.immunohistochemistry()
     labels = ihc_labels(image)
     norm = normalisation_of(image)
-    normalised = ((image / 255.0 - norm["mean"]) / norm["std"]).astype(np.float32)  # type: ignore[operator]
+    normalised = ((image / 255.0 - norm["mean"]) / norm["std"]).astype(np.float32)
     centres = _balanced_centres(labels, samples, rng)
     inputs = _patches(normalised, centres)
     targets = torch.from_numpy(labels[centres[:, 0], centres[:, 1]])
