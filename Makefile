@@ -40,8 +40,9 @@ system-deps:
 
 install: $(VENV)/.installed system-deps
 
+# With a display: napari with the demo model running; without: outputs in demo_output/.
 demo: install
-	$(BIN)/python -m napari_dense.cli demo
+	$(BIN)/python -m napari_dense.cli demo --output demo_output --overwrite
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

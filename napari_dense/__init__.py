@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from .convert import densify, explain
 from .dense import DenseClassifier
+from .engine import iter_predict
 from .errors import InputError, NapariDenseError, PatchSizeError, UnsupportedLayerError
+from .model_files import LoadedClassifier, ModelMetadata, load_classifier, save_classifier
 from .plan import DensePlan, StridingLayer
 from .predict import predict
+from .to_zarr import predict_to_zarr
 
 __version__ = "0.1.0"
 
@@ -19,6 +22,8 @@ __all__ = [
     "DenseClassifier",
     "DensePlan",
     "InputError",
+    "LoadedClassifier",
+    "ModelMetadata",
     "NapariDenseError",
     "PatchSizeError",
     "StridingLayer",
@@ -26,5 +31,9 @@ __all__ = [
     "__version__",
     "densify",
     "explain",
+    "iter_predict",
+    "load_classifier",
     "predict",
+    "predict_to_zarr",
+    "save_classifier",
 ]

@@ -21,11 +21,6 @@ from .errors import NapariDenseError
 
 __all__ = ["build_parser", "main"]
 
-RANDOM_WEIGHTS_NOTE = (
-    "Note: the network has random (untrained) weights: this table measures speed and "
-    "exactness, not biology."
-)
-
 
 def _builtin_net(name: str) -> tuple[torch.nn.Module, int, int] | None:
     from .models import BENCHMARK_NETS
@@ -157,34 +152,15 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from skimage import color, data
+    from .demo.run import has_display, run_gui, run_headless
 
-    from .compare import compare_modes
+    if not args.headless and has_display():
+        import napari
 
-    model, patch, channels = _load_model(args.net)
-    image = data.immunohistochemistry()[: args.size, : args.size].astype(np.float32) / 255
-    if channels == 1:
-        image = color.rgb2gray(image).astype(np.float32)
-    plan = _plan_of(model, patch, "all")
-    first_layer = plan.layers[0].name
-    print(
-        f"napari-dense demo: the {args.net} benchmark net on scikit-image's "
-        f"immunohistochemistry image {image.shape[0]}x{image.shape[1]} "
-        f"({'grey' if channels == 1 else 'RGB'}, scaled to 0-1)\n"
-    )
-    print(plan.to_markdown(), "\n")
-    comparison = compare_modes(
-        image,
-        model,
-        patch,
-        channel_axis=None if channels == 1 else -1,
-        device=args.device,
-        modes=("simple", {first_layer: "all"}, "shift-and-stitch", "advanced"),
-    )
-    print(f"Modes on {comparison.device} (custom 1 = only layer {first_layer} densified):\n")
-    print(comparison.to_markdown())
-    print()
-    print(RANDOM_WEIGHTS_NOTE)
+        run_gui()
+        napari.run()
+        return
+    run_headless(Path(args.output), overwrite=args.overwrite, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,9 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     compare.set_defaults(run=_cmd_compare)
 
-    demo = commands.add_parser("demo", help="compare the modes on a real microscopy image")
-    demo.add_argument("--net", default="32x32", help="built-in network (default 32x32)")
-    demo.add_argument("--size", type=int, default=512, help="crop of the image (default 512)")
+    demo = commands.add_parser(
+        "demo", help="the trained IHC model in napari (or headless without a display)"
+    )
+    demo.add_argument("--headless", action="store_true", help="no GUI, even with a display")
+    demo.add_argument("--output", default=".", help="folder of the headless outputs")
+    demo.add_argument("--overwrite", action="store_true", help="replace demo_output.zarr")
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     demo.set_defaults(run=_cmd_demo)
     return parser

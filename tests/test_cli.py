@@ -46,11 +46,16 @@ def test_debug_shows_the_traceback() -> None:
         main(["--debug", "explain", "15x15", "--sampling", "9=all"])
 
 
-def test_demo_compares_the_modes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--net", "15x15", "--size", "48", "--device", "cpu"]) == 0
+def test_headless_demo_writes_map_preview_and_table(tmp_path, capsys) -> None:
+    assert main(["demo", "--headless", "--output", str(tmp_path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    for mode in ("| simple | 4x4", "| custom 1 | 2x2", "| shift-and-stitch | 1x1", "| advanced |"):
-        assert mode in out
-    assert "random (untrained) weights" in out
-    max_diff = float(out.split("max abs Δ = ")[1].split()[0])
-    assert max_diff < 1e-4
+    assert (tmp_path / "demo_output.zarr").is_dir() and (tmp_path / "demo_overlay.png").is_file()
+    table = (tmp_path / "demo_compare.md").read_text()
+    assert "| simple |" in table and "| advanced |" in table and "Held-out accuracy" in table
+    exact, padded = table.split("## padded model")
+    exact_dev = float(exact.split("max abs Δ = ")[1].split()[0])
+    padded_dev = float(padded.split("max abs Δ = ")[1].split()[0])
+    assert exact_dev < 1e-4 < padded_dev  # the padded model's measured deviation is reported
+    assert "probability map:" in out
+    # A second run refuses to overwrite without being asked.
+    assert main(["demo", "--headless", "--output", str(tmp_path)]) == 2

@@ -1,0 +1,119 @@
+"""``make demo``: the trained IHC classifier on the IHC image, in napari or headless.
+
+With a display, napari opens with the image, the model loaded in the Dense inference widget,
+the Compare panel docked, and an Advanced run filling the overlay in live. Without one (no
+``DISPLAY``), the same pipeline runs through the engine: an OME-Zarr probability map, a PNG
+overlay preview and the mode comparison, written next to each other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import NapariDenseError
+
+__all__ = ["DEMO_MODEL", "find_demo_model", "overlay_preview", "run_gui", "run_headless"]
+
+DEMO_MODEL = "ihc_patchnet.pt2"
+PADDED_MODEL = "ihc_selecsls.pt2"
+#: Overlay colours of the classes (nucleus, DAB-positive); background is left transparent.
+CLASS_COLOURS = np.array([[0.9, 0.1, 0.9], [0.1, 0.9, 0.2]], dtype=np.float32)
+
+
+def find_demo_model(name: str = DEMO_MODEL) -> Path:
+    """The trained demo model in the repository's ``resources/`` folder."""
+    for folder in (Path.cwd() / "resources", Path(__file__).resolve().parents[2] / "resources"):
+        if (folder / name).is_file():
+            return folder / name
+    raise NapariDenseError(
+        f"demo model {name} not found in resources/; train it with "
+        "`python -m napari_dense.demo.train --out resources`"
+    )
+
+
+def overlay_preview(image: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """RGB uint8: the image with nucleus (magenta) and DAB-positive (green) probabilities."""
+    base = image.astype(np.float32) / 255
+    colour = np.tensordot(probabilities[:2].transpose(1, 2, 0), CLASS_COLOURS, axes=1)
+    alpha = np.clip(probabilities[:2].sum(0), 0, 1)[..., None] * 0.6
+    return (np.clip(base * (1 - alpha) + colour * alpha, 0, 1) * 255).astype(np.uint8)
+
+
+def run_headless(output_dir: Path, *, overwrite: bool = False, device: str = "auto") -> None:
+    """Probability map, overlay PNG and mode comparison of the IHC image, printed and written."""
+    from skimage import data, io
+
+    from ..compare import compare_modes
+    from ..model_files import load_classifier
+    from ..to_zarr import predict_to_zarr
+
+    image = data.immunohistochemistry()
+    model = load_classifier(find_demo_model())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    zarr_path = output_dir / "demo_output.zarr"
+    store = predict_to_zarr(image, model, zarr_path, channel_axis=-1, device=device,
+                            overwrite=overwrite)  # fmt: skip
+    probabilities = store.read()
+    preview_path = output_dir / "demo_overlay.png"
+    io.imsave(preview_path, np.concatenate([image, overlay_preview(image, probabilities)], 1),
+              check_contrast=False)  # fmt: skip
+    meta = model.metadata
+    normalised = _normalised(image, meta.normalisation)
+    lines = [f"# napari-dense demo: {meta.name} on scikit-image's IHC image (512x512 RGB)", ""]
+    accuracy = meta.accuracy if isinstance(meta.accuracy, dict) else {}
+    if accuracy:
+        lines += [f"Held-out accuracy (per-patch, right part of the image): "
+                  f"{accuracy.get('held_out_accuracy', float('nan')):.3f}", ""]  # fmt: skip
+    for title, path in (("exact model (no padding)", find_demo_model()),
+                        ("padded model (SelecSLS-style)", find_demo_model(PADDED_MODEL))):  # fmt: skip
+        loaded = load_classifier(path)
+        comparison = compare_modes(normalised, loaded.module, loaded.metadata.patch_size,
+                                   channel_axis=-1, device=device)  # fmt: skip
+        lines += [f"## {title}: {path.name} (scores before softmax)", "",
+                  comparison.to_markdown(), ""]  # fmt: skip
+    table = "\n".join(lines)
+    table_path = output_dir / "demo_compare.md"
+    table_path.write_text(table)
+    print(table)
+    print(f"probability map: {zarr_path}\noverlay preview: {preview_path}\n"
+          f"comparison: {table_path}")  # fmt: skip
+
+
+def _normalised(image: np.ndarray, normalisation: dict | None) -> np.ndarray:
+    if not normalisation:
+        return image.astype(np.float32)
+    scale = float(normalisation.get("scale", 1.0))
+    mean = np.asarray(normalisation.get("mean", 0.0), dtype=np.float32)
+    std = np.asarray(normalisation.get("std", 1.0), dtype=np.float32)
+    return ((image * scale - mean) / std).astype(np.float32)
+
+
+def run_gui(*, start: bool = True) -> tuple[Any, Any, Any]:
+    """Open napari ready to run; starts an Advanced run unless ``start`` is False.
+
+    Returns the viewer, the Dense inference widget and the Compare panel.
+    """
+    import napari
+    from skimage import data
+
+    viewer = napari.Viewer(title="napari-dense demo")
+    viewer.add_image(data.immunohistochemistry(), name="IHC", rgb=True)
+    _, dense = viewer.window.add_plugin_dock_widget("napari-dense", "Dense inference")
+    _, compare = viewer.window.add_plugin_dock_widget("napari-dense", "Compare modes")
+    dense.load_model(find_demo_model())
+    dense._preset.value = "Advanced"
+    dense._tile.value = 128  # small tiles: the overlay visibly fills in
+    if start:
+        dense.run()
+    return viewer, dense, compare
+
+
+def has_display() -> bool:
+    """Whether a GUI can open (an X/Wayland display, or not Linux)."""
+    if os.name != "posix" or os.uname().sysname == "Darwin":
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
