@@ -39,9 +39,14 @@ def write_probability_maps(
     height, width = arrays[0].shape
     chunks = (min(CHUNK, height), min(CHUNK, width))
     store = ProbabilityStore.create(
-        path, shape=(len(arrays), height, width), axes="cyx", chunks=chunks, class_names=names,
-        attributes=_provenance(layer_data[0][1]), overwrite=True,
-    )  # fmt: skip
+        path,
+        shape=(len(arrays), height, width),
+        axes="cyx",
+        chunks=chunks,
+        class_names=names,
+        attributes=_provenance(layer_data[0][1]),
+        overwrite=True,
+    )
     stacked = np.stack(arrays)
     for y0 in range(0, height, chunks[0]):
         for x0 in range(0, width, chunks[1]):

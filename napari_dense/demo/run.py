@@ -55,32 +55,47 @@ def run_headless(output_dir: Path, *, overwrite: bool = False, device: str = "au
     model = load_classifier(find_demo_model())
     output_dir.mkdir(parents=True, exist_ok=True)
     zarr_path = output_dir / "demo_output.zarr"
-    store = predict_to_zarr(image, model, zarr_path, channel_axis=-1, device=device,
-                            overwrite=overwrite)  # fmt: skip
+    store = predict_to_zarr(
+        image, model, zarr_path, channel_axis=-1, device=device, overwrite=overwrite
+    )
     probabilities = store.read()
     preview_path = output_dir / "demo_overlay.png"
-    io.imsave(preview_path, np.concatenate([image, overlay_preview(image, probabilities)], 1),
-              check_contrast=False)  # fmt: skip
+    io.imsave(
+        preview_path,
+        np.concatenate([image, overlay_preview(image, probabilities)], 1),
+        check_contrast=False,
+    )
     meta = model.metadata
     normalised = _normalised(image, meta.normalisation)
     lines = [f"# napari-dense demo: {meta.name} on scikit-image's IHC image (512x512 RGB)", ""]
     accuracy = meta.accuracy if isinstance(meta.accuracy, dict) else {}
     if accuracy:
-        lines += [f"Held-out accuracy (per-patch, right part of the image): "
-                  f"{accuracy.get('held_out_accuracy', float('nan')):.3f}", ""]  # fmt: skip
-    for title, path in (("exact model (no padding)", find_demo_model()),
-                        ("padded model (SelecSLS-style)", find_demo_model(PADDED_MODEL))):  # fmt: skip
+        lines += [
+            f"Held-out accuracy (per-patch, right part of the image): "
+            f"{accuracy.get('held_out_accuracy', float('nan')):.3f}",
+            "",
+        ]
+    for title, path in (
+        ("exact model (no padding)", find_demo_model()),
+        ("padded model (SelecSLS-style)", find_demo_model(PADDED_MODEL)),
+    ):
         loaded = load_classifier(path)
-        comparison = compare_modes(normalised, loaded.module, loaded.metadata.patch_size,
-                                   channel_axis=-1, device=device)  # fmt: skip
-        lines += [f"## {title}: {path.name} (scores before softmax)", "",
-                  comparison.to_markdown(), ""]  # fmt: skip
+        comparison = compare_modes(
+            normalised, loaded.module, loaded.metadata.patch_size, channel_axis=-1, device=device
+        )
+        lines += [
+            f"## {title}: {path.name} (scores before softmax)",
+            "",
+            comparison.to_markdown(),
+            "",
+        ]
     table = "\n".join(lines)
     table_path = output_dir / "demo_compare.md"
     table_path.write_text(table)
     print(table)
-    print(f"probability map: {zarr_path}\noverlay preview: {preview_path}\n"
-          f"comparison: {table_path}")  # fmt: skip
+    print(
+        f"probability map: {zarr_path}\noverlay preview: {preview_path}\ncomparison: {table_path}"
+    )
 
 
 def _normalised(image: np.ndarray, normalisation: dict | None) -> np.ndarray:

@@ -40,12 +40,21 @@ class IhcPatchNet(nn.Sequential):
 
     def __init__(self, classes: int = 3) -> None:
         super().__init__(
-            nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(),
-            nn.Conv2d(64, 64, 2), nn.ReLU(),
-            nn.Flatten(), nn.Linear(64, classes),
-        )  # fmt: skip
+            nn.Conv2d(3, 16, 3),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64, classes),
+        )
 
 
 class _SelecBlock(nn.Module):
@@ -80,8 +89,9 @@ class IhcSelecSLS(nn.Module):
 def _patches(image: np.ndarray, centres: np.ndarray) -> torch.Tensor:
     """(N, 3, PATCH, PATCH) patches centred (FDFE convention) at ``centres`` of a padded image."""
     half = PATCH // 2
-    padded = np.pad(image, ((half, PATCH - 1 - half), (half, PATCH - 1 - half), (0, 0)),
-                    mode="reflect")  # fmt: skip
+    padded = np.pad(
+        image, ((half, PATCH - 1 - half), (half, PATCH - 1 - half), (0, 0)), mode="reflect"
+    )
     rows = centres[:, 0, None] + np.arange(PATCH)
     cols = centres[:, 1, None] + np.arange(PATCH)
     batch = padded[rows[:, :, None], cols[:, None, :]]  # (N, P, P, 3)
@@ -102,8 +112,11 @@ def _balanced_centres(labels: np.ndarray, count: int, rng: np.random.Generator) 
 def normalisation_of(image: np.ndarray) -> dict[str, object]:
     """``(x * scale - mean) / std`` per channel, from the training region."""
     region = image[:, :TRAIN_COLUMNS].reshape(-1, 3) / 255.0
-    return {"scale": 1 / 255, "mean": region.mean(0).round(4).tolist(),
-            "std": region.std(0).round(4).tolist()}  # fmt: skip
+    return {
+        "scale": 1 / 255,
+        "mean": region.mean(0).round(4).tolist(),
+        "std": region.std(0).round(4).tolist(),
+    }
 
 
 def train(
@@ -163,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     image = data.immunohistochemistry()
-    command = "python -m napari_dense.demo.train " + " ".join(argv if argv is not None else
-                                                              sys.argv[1:])  # fmt: skip
+    command = "python -m napari_dense.demo.train " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     for name, factory, description in (
         ("ihc_patchnet", IhcPatchNet, "unpadded 24x24 patch classifier (exact dense network)"),
         ("ihc_selecsls", IhcSelecSLS, "'same'-padded SelecSLS-style network (not exact)"),
@@ -185,9 +199,11 @@ def main(argv: list[str] | None = None) -> None:
             training_command=command.strip(),
         )
         save_classifier(model, args.out / f"{name}.pt2", metadata=metadata, sidecar=True)
-        print(f"{name}: held-out accuracy {scores['held_out_accuracy']:.3f} "
-              f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items() if k.startswith('recall'))}) "
-              f"in {seconds:.0f} s -> {args.out / (name + '.pt2')}")  # fmt: skip
+        print(
+            f"{name}: held-out accuracy {scores['held_out_accuracy']:.3f} "
+            f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items() if k.startswith('recall'))}) "
+            f"in {seconds:.0f} s -> {args.out / (name + '.pt2')}"
+        )
 
 
 if __name__ == "__main__":
