@@ -81,7 +81,7 @@ def run_headless(output_dir: Path, *, overwrite: bool = False, device: str = "au
     ):
         loaded = load_classifier(path)
         comparison = compare_modes(
-            normalised, loaded.module, loaded.metadata.patch_size, channel_axis=-1, device=device
+            normalised, loaded.module, loaded.patch_size, channel_axis=-1, device=device
         )
         lines += [
             f"## {title}: {path.name} (scores before softmax)",
