@@ -38,6 +38,7 @@ class CompareModesWidget(Container):
         )
         self._run_button = PushButton(text="Compare")
         self._table = Table(value={"data": [], "columns": []})
+        self._table.min_height = 130  # all modes visible without scrolling
         self._exactness = Label(value="")
         self._bars = Label(value="")
         self._copy_button = PushButton(text="Copy as markdown", enabled=False)
@@ -63,6 +64,11 @@ class CompareModesWidget(Container):
         if layer is None or loaded is None:
             show_error("napari-dense: choose an image layer and load a model in Dense inference")
             return None
+        try:
+            normalisation = dense.normalisation()
+        except ValueError as err:
+            show_error(f"napari-dense: {err}")
+            return None
         image = np.asarray(_image_data(layer))
         offset = (0, 0)
         if self._region.value == "field of view":
@@ -79,6 +85,7 @@ class CompareModesWidget(Container):
             loaded.metadata.patch_size,
             modes=modes,
             channel_axis=-1 if layer.rgb else None,
+            normalisation=normalisation,
             device=dense._device.value,
             _start_thread=False,
         )
@@ -115,7 +122,7 @@ class CompareModesWidget(Container):
             ]
             for r in comparison.results
         ]
-        self._table.value = {"data": rows, "columns": columns}
+        self._table.value = (rows, [r.mode for r in comparison.results], columns)  # type: ignore[assignment]
         self._exactness.value = (
             f"advanced vs per-patch on {comparison.oracle_pixels} random pixels: "
             f"max |Δ| = {comparison.oracle_max_abs_diff:.1e}"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["BORDER_MODES", "as_batch", "pad_border"]
+__all__ = ["BORDER_MODES", "as_batch", "normalise", "pad_border"]
 
 # predict's border names -> numpy.pad modes
 BORDER_MODES = {"reflect": "reflect", "constant": "constant", "edge": "edge"}
@@ -92,3 +93,13 @@ def pad_border(
         raise InputError(f"border must be one of {sorted(BORDER_MODES)}, got {border!r}")
     width = ((0, 0), (0, 0), (max(rows[0], 0), max(rows[1], 0)), (max(cols[0], 0), max(cols[1], 0)))
     return np.pad(batch, width, mode=BORDER_MODES[border])  # type: ignore[call-overload]
+
+
+def normalise(image_chw: np.ndarray, normalisation: Mapping[str, Any] | None) -> np.ndarray:
+    """``(x * scale - mean[c]) / std[c]`` of a ``(C, H, W)`` float image (model metadata)."""
+    if not normalisation:
+        return image_chw
+    scale = float(normalisation.get("scale", 1.0))
+    mean = np.asarray(normalisation.get("mean", 0.0), dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(normalisation.get("std", 1.0), dtype=np.float32).reshape(-1, 1, 1)
+    return ((image_chw * scale - mean) / std).astype(np.float32)

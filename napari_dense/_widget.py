@@ -173,6 +173,22 @@ class DenseInferenceWidget(Container):
             self._switches.append(box)
         self._apply_preset(self._preset.value)
 
+    def normalisation(self) -> dict[str, Any] | None:
+        """The normalisation field as a dict (None when empty); ValueError naming the fix."""
+        text = self._normalisation.value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"normalisation is not valid JSON ({err.msg}); e.g. "
+                '{"scale": 0.0039, "mean": [0.5], "std": [0.25]}'
+            ) from None
+        if not isinstance(value, dict):
+            raise ValueError('normalisation must be a JSON object like {"scale": 0.0039}')
+        return value
+
     def sampling(self) -> dict[str, str]:
         """The current per-layer sampling ``{layer: "all" | "none"}``."""
         if self._loaded is None:
@@ -234,14 +250,9 @@ class DenseInferenceWidget(Container):
             show_error("napari-dense: choose an image layer and load a model first")
             return None
         try:
-            normalisation = (
-                json.loads(self._normalisation.value) if self._normalisation.value else None
-            )
-        except json.JSONDecodeError as err:
-            show_error(
-                f"napari-dense: normalisation is not valid JSON ({err.msg}); "
-                'e.g. {"scale": 0.0039, "mean": [0.5], "std": [0.25]}'
-            )
+            normalisation = self.normalisation()
+        except ValueError as err:
+            show_error(f"napari-dense: {err}")
             return None
         output = str(self._output.value or "").strip()
         if output in ("", "."):
@@ -311,8 +322,10 @@ class DenseInferenceWidget(Container):
         self._show_class(self._class.value)
 
     def _show_class(self, name: str) -> None:
+        # "all" shows every class but background, which would cover the image.
         for layer in self._output_layers:
-            layer.visible = name == "all" or layer.name.startswith(f"{name} (")
+            class_name = layer.metadata["napari_dense"]["class"]
+            layer.visible = class_name == name or (name == "all" and class_name != "background")
 
     def _on_tile(self, result: Any) -> None:
         self._tiles_done = result.index + 1

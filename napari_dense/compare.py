@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._image import as_batch
+from ._image import as_batch, normalise
 from ._memory import PeakMemory
 from .baselines import shift_and_stitch
 from .convert import densify, explain
@@ -87,6 +87,7 @@ def compare_modes(
     channel_axis: int | None = None,
     device: str | torch.device = "auto",
     border: str = "reflect",
+    normalisation: Mapping[str, Any] | None = None,
     oracle_pixels: int = 500,
     seed: int = 0,
 ) -> ModeComparison:
@@ -99,12 +100,15 @@ def compare_modes(
     modes
         ``"simple"``, ``"advanced"``, ``"shift-and-stitch"`` or sampling mappings (custom).
         Advanced is always run (it is the reference) and listed last if not named.
+    normalisation
+        ``{"scale", "mean", "std"}`` of the model (as in its metadata): every mode and the
+        oracle see ``(x * scale - mean) / std`` per channel, as the engine feeds the network.
     oracle_pixels
         Random pixels on which advanced is checked against :func:`reference.patchwise`.
     """
     target = resolve_device(device)
     batch = as_batch(image, channel_axis=channel_axis, channels=None)
-    image_chw = batch[0]
+    image_chw = normalise(batch[0], normalisation)
     megapixels = image_chw.shape[-2] * image_chw.shape[-1] / 1e6
     ordered = [m for m in modes if m != "advanced"] + ["advanced"]
     outputs: dict[str, tuple[np.ndarray, tuple[int, int], float, PeakMemory]] = {}

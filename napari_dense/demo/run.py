@@ -66,7 +66,6 @@ def run_headless(output_dir: Path, *, overwrite: bool = False, device: str = "au
         check_contrast=False,
     )
     meta = model.metadata
-    normalised = _normalised(image, meta.normalisation)
     lines = [f"# napari-dense demo: {meta.name} on scikit-image's IHC image (512x512 RGB)", ""]
     accuracy = meta.accuracy if isinstance(meta.accuracy, dict) else {}
     if accuracy:
@@ -81,7 +80,12 @@ def run_headless(output_dir: Path, *, overwrite: bool = False, device: str = "au
     ):
         loaded = load_classifier(path)
         comparison = compare_modes(
-            normalised, loaded.module, loaded.patch_size, channel_axis=-1, device=device
+            image,
+            loaded.module,
+            loaded.patch_size,
+            channel_axis=-1,
+            device=device,
+            normalisation=loaded.metadata.normalisation,
         )
         lines += [
             f"## {title}: {path.name} (scores before softmax)",
@@ -96,15 +100,6 @@ def run_headless(output_dir: Path, *, overwrite: bool = False, device: str = "au
     print(
         f"probability map: {zarr_path}\noverlay preview: {preview_path}\ncomparison: {table_path}"
     )
-
-
-def _normalised(image: np.ndarray, normalisation: dict | None) -> np.ndarray:
-    if not normalisation:
-        return image.astype(np.float32)
-    scale = float(normalisation.get("scale", 1.0))
-    mean = np.asarray(normalisation.get("mean", 0.0), dtype=np.float32)
-    std = np.asarray(normalisation.get("std", 1.0), dtype=np.float32)
-    return ((image * scale - mean) / std).astype(np.float32)
 
 
 def run_gui(*, start: bool = True) -> tuple[Any, Any, Any]:
