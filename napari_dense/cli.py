@@ -76,13 +76,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from .to_zarr import predict_to_zarr
 
     model, patch, _ = _load_model(args.model)
-    bar = tqdm(unit="tile", dynamic_ncols=True, disable=args.quiet)
+    bar: Any = None  # made at the first tile, so that early errors print one line only
     megapixels = 0.0
     seconds = 0.0
 
     def progress(result: Any) -> None:
-        nonlocal megapixels, seconds
-        bar.total = result.total
+        nonlocal bar, megapixels, seconds
+        if bar is None:
+            bar = tqdm(total=result.total, unit="tile", dynamic_ncols=True, disable=args.quiet)
         megapixels += result.tile.shape[0] * result.tile.shape[1] / 1e6
         seconds += result.compute_seconds
         bar.set_postfix_str(f"{megapixels / max(seconds, 1e-9):.2f} Mpx/s")
@@ -106,18 +107,20 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             resume=args.resume,
             pyramid_levels=args.pyramid,
             scheduler=args.scheduler,
+            compile=args.compile,
             on_tile=progress,
         )
     except KeyboardInterrupt:
-        bar.close()
         print(
             f"napari-dense: interrupted; the tiles computed so far are kept in {args.output}: "
             "run the same command with --resume to finish",
             file=sys.stderr,
         )
         raise SystemExit(130) from None
-    bar.close()
-    rate = store.attributes.get("megapixels_per_second") if hasattr(store, "attributes") else None
+    finally:
+        if bar is not None:
+            bar.close()
+    rate = store.attributes.get("megapixels_per_second")
     print(f"wrote {args.output}" + (f" ({rate} Mpx/s)" if rate else ""))
 
 
@@ -208,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--resume", action="store_true", help="finish an interrupted run")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output")
     predict.add_argument("--scheduler", help="dask scheduler address, or local:N")
+    predict.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (slow first tile, faster after)",
+    )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=_cmd_predict)
 

@@ -191,6 +191,8 @@ class TiledPredictor:
         As in :func:`iter_predict`.
     tile
         Output pixels per tile side (or ``(ty, tx)``); None chooses from ``memory_budget``.
+    compile
+        Compile the network with ``torch.compile`` (once per tile shape).
     memory_check
         Test hook, see :data:`MemoryCheck`.
     """
@@ -207,6 +209,7 @@ class TiledPredictor:
         tile: int | tuple[int, int] | None = None,
         memory_budget: int | None = None,
         memory_check: MemoryCheck | None = None,
+        compile: bool = False,
     ):
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -224,6 +227,13 @@ class TiledPredictor:
         self.interpolation = interpolation
         self.memory_check = memory_check
         self.dense = setup.dense.to(self.device).eval()  # moved once
+        # torch.compile (Triton on GPUs, C++ on CPUs): compiled once per input shape; the plan
+        # keeps one tile shape per run, so a run compiles once (first tile slow, then faster).
+        self._network: Any = (
+            torch.compile(self.dense, mode="max-autotune-no-cudagraphs", dynamic=False)
+            if compile
+            else self.dense
+        )
         tile = tile or auto_tile_size(self.dense, self.device, memory_budget)
         self.plan: TilePlan = plan_tiles(
             source.plane_shape, tile, self.dense.patch_size, self.dense.output_stride, border
@@ -307,7 +317,7 @@ class TiledPredictor:
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
         ):
-            samples = self.dense(self._normalise(x[None]))
+            samples = self._network(self._normalise(x[None]))
         samples = samples.float()
         if self.setup.activation == "softmax":
             samples = torch.softmax(samples, dim=1)
@@ -390,6 +400,7 @@ def iter_predict(
     skip: Iterable[tuple[tuple[int, ...], tuple[int, int, int, int]]] = (),
     centre: tuple[float, float] | None = None,
     memory_check: MemoryCheck | None = None,
+    compile: bool = False,
 ) -> Iterator[TileResult]:
     """Predict ``image`` tile by tile, yielding each tile's probabilities as soon as it is done.
 
@@ -419,6 +430,8 @@ def iter_predict(
         ``(y, x)``: compute the tiles nearest to it first (the GUI passes the field of view).
     memory_check
         Test hook called before each forward pass (see :data:`MemoryCheck`).
+    compile
+        ``torch.compile`` the network (once per run: all tiles share one shape).
 
     Yields
     ------
@@ -441,6 +454,7 @@ def iter_predict(
         tile=tile,
         memory_budget=memory_budget,
         memory_check=memory_check,
+        compile=compile,
     )
     done = {(tuple(leading), tuple(box)) for leading, box in skip}
     tasks = [(lead, t) for lead, t in predictor.tasks(centre) if (lead, t.box) not in done]

@@ -164,7 +164,13 @@ def open_image(
         path = str(image)
         image, metadata_axis = _read_path(Path(image), level)
         channel_axis = channel_axis if channel_axis is not None else metadata_axis
-    array = image if isinstance(image, da.Array) else da.from_array(image, chunks="auto")
+    if isinstance(image, da.Array):
+        array = image
+    else:
+        # A chunked store (zarr, tifffile's zarr store) is read in its own chunks: dask's
+        # "auto" chunks of up to 128 MiB would read far more than a tile needs.
+        chunks = getattr(image, "chunks", None)
+        array = da.from_array(image, chunks=tuple(chunks) if chunks else "auto")
     shape = tuple(int(s) for s in array.shape)
     if array.dtype.kind not in "biuf":
         raise InputError(f"image dtype {array.dtype} is not numeric; convert it to a number type")

@@ -56,6 +56,7 @@ def prepare_run(
     overwrite: bool = False,
     resume: bool = False,
     memory_check: MemoryCheck | None = None,
+    compile: bool = False,
 ) -> tuple[TiledPredictor, ProbabilityStore]:
     """Open the image, convert the model, plan the tiles and create (or reopen) the store."""
     if overwrite and resume:
@@ -86,6 +87,7 @@ def prepare_run(
         tile=tile,
         memory_budget=memory_budget,
         memory_check=memory_check,
+        compile=compile,
     )
     path = Path(output)
     axes = _OUTPUT_AXES[len(source.leading_shape)]
@@ -115,6 +117,7 @@ def prepare_run(
         "device": str(predictor.device),
         "device_name": _device_name(predictor.device),
         "precision": precision,
+        "compiled": compile,
         "border": border,
         "interpolation": interpolation,
         "normalisation": dict(setup.normalisation) if setup.normalisation else None,
@@ -189,7 +192,7 @@ def predict_to_zarr(
         ``patch_size``, ``mode``, ``channel_axis``, ``level``, ``device``, ``precision``,
         ``border``, ``interpolation``, ``tile``, ``memory_budget``, ``normalisation``,
         ``activation``, ``class_names``, ``dtype`` (``"float32"``, ``"float16"``, ``"uint8"``),
-        ``overwrite``, ``resume``.
+        ``overwrite``, ``resume``, ``compile`` (``torch.compile`` the network once per run).
 
     Returns
     -------

@@ -59,3 +59,47 @@ def test_headless_demo_writes_map_preview_and_table(tmp_path, capsys) -> None:
     assert "probability map:" in out
     # A second run refuses to overwrite without being asked.
     assert main(["demo", "--headless", "--output", str(tmp_path)]) == 2
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "napari_dense.cli", *args], capture_output=True,
+                          text=True)  # fmt: skip
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_predict_bad_inputs_are_one_line_errors(tmp_path) -> None:
+    import numpy as np
+    from torch import nn
+
+    from napari_dense import ModelMetadata, save_classifier
+
+    grey, rgb = tmp_path / "grey.npy", tmp_path / "rgb.npy"
+    np.save(grey, np.zeros((40, 40), np.float32))
+    np.save(rgb, np.zeros((40, 40, 3), np.float32))
+    np.save(tmp_path / "tiny.npy", np.zeros((3, 3), np.float32))
+    unsupported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=0.5), nn.Flatten())
+    save_classifier(unsupported, tmp_path / "odd.pt2",
+                    metadata=ModelMetadata(patch_size=(6, 6), in_channels=1))  # fmt: skip
+    out = str(tmp_path / "map.zarr")
+    _one_line_error(_run_cli("predict", "15x15", str(tmp_path / "missing.tif"), "-o", out),
+                    "image file not found")  # fmt: skip
+    _one_line_error(
+        _run_cli("predict", "missing.pt2", str(grey), "-o", out), "model file not found"
+    )
+    _one_line_error(_run_cli("predict", "32x32", str(grey), "-o", out), "expects 3 channel")
+    _one_line_error(_run_cli("predict", str(tmp_path / "odd.pt2"), str(grey), "-o", out),
+                    "cannot densify")  # fmt: skip
+    (tmp_path / "file").write_text("x")
+    _one_line_error(
+        _run_cli("predict", "15x15", str(grey), "-o", str(tmp_path / "file" / "m.zarr"))
+    )
+    # An image smaller than the patch is reflected at its borders: it works.
+    small = _run_cli("predict", "15x15", str(tmp_path / "tiny.npy"), "-o", out, "--quiet")
+    assert small.returncode == 0, small.stderr
+    _one_line_error(_run_cli("predict", "15x15", str(grey), "-o", out), "exists", "--overwrite")

@@ -223,3 +223,9 @@ def test_bad_engine_arguments(grey_model) -> None:
         next(iter_predict("/nonexistent/image.tif", grey_model, 15))
     with pytest.raises(nd.InputError, match="activation must be one of"):
         next(iter_predict(np.zeros((20, 20)), grey_model, 15, activation="relu"))
+
+
+def test_compiled_network_gives_the_same_map(grey_model) -> None:
+    image = np.random.default_rng(8).random((40, 36), dtype=np.float32)
+    compiled = assemble(iter_predict(image, grey_model, 15, tile=24, compile=True), (3, 40, 36))
+    np.testing.assert_allclose(compiled, nd.predict(image, grey_model, 15), atol=1e-4)
