@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+BLOCKS = [
+    textwrap.dedent(block)
+    for block in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+]
 
 
 def test_readme_has_python_examples() -> None:
