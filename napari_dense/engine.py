@@ -39,6 +39,7 @@ __all__ = [
     "TiledPredictor",
     "auto_tile_size",
     "iter_predict",
+    "make_predictor",
     "resolve_classifier",
 ]
 
@@ -381,6 +382,33 @@ def _normaliser(
     return lambda x: (x * scale - mean) / std
 
 
+def make_predictor(
+    image: Any,
+    model: Any,
+    patch_size: int | tuple[int, int] | None = None,
+    *,
+    mode: str | Mapping[str, str] = "advanced",
+    channel_axis: int | None = None,
+    level: int = 0,
+    normalisation: Mapping[str, Any] | None = None,
+    activation: str | None = None,
+    class_names: Iterable[str] | None = None,
+    **options: Any,
+) -> TiledPredictor:
+    """Convert the model, open the image lazily and plan its tiles (one place for all runs).
+
+    Arguments are those of :func:`iter_predict`; ``options`` go to :class:`TiledPredictor`.
+    """
+    setup = resolve_classifier(
+        model, patch_size, mode=mode, normalisation=normalisation, activation=activation,
+        class_names=class_names,
+    )  # fmt: skip
+    source = open_image(
+        image, channels=setup.dense.in_channels, channel_axis=channel_axis, level=level
+    )
+    return TiledPredictor(source, setup, **options)
+
+
 def iter_predict(
     image: Any,
     model: Any,
@@ -438,24 +466,12 @@ def iter_predict(
     TileResult
         One per tile. Closing the generator stops after the current tile.
     """
-    setup = resolve_classifier(
-        model, patch_size, mode=mode, normalisation=normalisation, activation=activation
-    )
-    source = open_image(
-        image, channels=setup.dense.in_channels, channel_axis=channel_axis, level=level
-    )
-    predictor = TiledPredictor(
-        source,
-        setup,
-        device=device,
-        precision=precision,
-        border=border,
-        interpolation=interpolation,
-        tile=tile,
-        memory_budget=memory_budget,
-        memory_check=memory_check,
-        compile=compile,
-    )
+    predictor = make_predictor(
+        image, model, patch_size, mode=mode, channel_axis=channel_axis, level=level,
+        normalisation=normalisation, activation=activation, device=device,
+        precision=precision, border=border, interpolation=interpolation, tile=tile,
+        memory_budget=memory_budget, memory_check=memory_check, compile=compile,
+    )  # fmt: skip
     done = {(tuple(leading), tuple(box)) for leading, box in skip}
     tasks = [(lead, t) for lead, t in predictor.tasks(centre) if (lead, t.box) not in done]
     yield from predictor.run(tasks)

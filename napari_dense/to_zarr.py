@@ -12,16 +12,9 @@ from typing import Any
 
 import torch
 
-from .engine import (
-    ClassifierSetup,
-    MemoryCheck,
-    TiledPredictor,
-    TileResult,
-    resolve_classifier,
-)
+from .engine import MemoryCheck, TiledPredictor, TileResult, make_predictor
 from .errors import InputError
 from .predict import sampling_of_mode
-from .sources import ImageSource, open_image
 from .store import ProbabilityStore
 
 __all__ = ["iter_into_store", "predict_to_zarr", "prepare_run"]
@@ -61,34 +54,18 @@ def prepare_run(
     """Open the image, convert the model, plan the tiles and create (or reopen) the store."""
     if overwrite and resume:
         raise InputError("choose either overwrite or resume, not both")
-    setup: ClassifierSetup = resolve_classifier(
-        model,
-        patch_size,
-        mode=mode,
-        normalisation=normalisation,
-        activation=activation,
-        class_names=class_names,
-    )
-    source: ImageSource = open_image(
-        image, channels=setup.dense.in_channels, channel_axis=channel_axis, level=level
-    )
+    predictor = make_predictor(
+        image, model, patch_size, mode=mode, channel_axis=channel_axis, level=level,
+        normalisation=normalisation, activation=activation, class_names=class_names,
+        device=device, precision=precision, border=border, interpolation=interpolation,
+        tile=tile, memory_budget=memory_budget, memory_check=memory_check, compile=compile,
+    )  # fmt: skip
+    setup, source = predictor.setup, predictor.source
     if len(source.leading_shape) > 2:
         raise InputError(
             f"the image has {len(source.leading_shape)} axes before (C, Y, X); at most two "
             "(T, Z) are supported: pass one volume at a time"
         )
-    predictor = TiledPredictor(
-        source,
-        setup,
-        device=device,
-        precision=precision,
-        border=border,
-        interpolation=interpolation,
-        tile=tile,
-        memory_budget=memory_budget,
-        memory_check=memory_check,
-        compile=compile,
-    )
     path = Path(output)
     axes = _OUTPUT_AXES[len(source.leading_shape)]
     shape = _output_shape(axes, source.leading_shape, setup.dense.num_classes, source.plane_shape)
