@@ -25,6 +25,8 @@ __all__ = [
     "dense_conv2d",
     "dense_pool2d",
     "linear_as_conv2d",
+    "phase_split",
+    "scatter_phases",
     "space_to_batch",
 ]
 
@@ -163,6 +165,44 @@ def batch_to_space(x: torch.Tensor, phases: Sequence[Pair]) -> torch.Tensor:
     return x
 
 
+def phase_split(
+    x: torch.Tensor,
+    stride: Pair,
+    phases: Sequence[Pair],
+    padding: Padding,
+    mode: str,
+    value: float = 0.0,
+) -> torch.Tensor:
+    """Input of a strided layer evaluated at some of its phases, the phases stacked in the batch.
+
+    ``x`` is padded as the layer would pad it, then shifted by each phase ``(a, b)``; running the
+    layer at its stride (no padding) on the result gives, for each phase, the samples that a
+    stride-1 run has at rows ``a, a + sy, ...`` and columns ``b, b + sx, ...``. The end is padded
+    by ``s - 1`` so every phase has one shape; those rows only reach outputs past the last full
+    patch, which are cropped away. ``(B, C, H, W) -> (len(phases) * B, C, H', W')``.
+    """
+    x = _pad(x, padding, mode, value)
+    height, width = x.shape[-2:]
+    sy, sx = stride
+    x = F.pad(x, (0, sx - 1, 0, sy - 1))
+    return torch.cat([x[..., a : a + height, b : b + width] for a, b in phases])
+
+
+def scatter_phases(x: torch.Tensor, offsets: Sequence[Pair], period: Pair) -> torch.Tensor:
+    """Interleave phase maps carried in the batch into one map (zero where nothing was computed).
+
+    Batch entry ``i`` of every image (``x`` is ``(len(offsets) * N, C, h, w)``) lands on rows
+    ``offsets[i][0] + period_y * k`` and columns ``offsets[i][1] + period_x * l`` of the result,
+    ``(N, C, h * period_y, w * period_x)``.
+    """
+    py, px = period
+    phases = x.unflatten(0, (len(offsets), -1))
+    out = x.new_zeros((phases.shape[1], x.shape[1], x.shape[2] * py, x.shape[3] * px))
+    for phase, (oy, ox) in zip(phases, offsets, strict=True):
+        out[:, :, oy::py, ox::px] = phase
+    return out
+
+
 class DenseTracer(fx.Tracer):
     """A tracer that records the operations above as single nodes.
 
@@ -177,5 +217,5 @@ class DenseTracer(fx.Tracer):
 
 DENSE_OPS = (
     align_spatial, batch_to_space, crop_cat, dense_conv2d, dense_pool2d, linear_as_conv2d,
-    space_to_batch,
+    phase_split, scatter_phases, space_to_batch,
 )  # fmt: skip

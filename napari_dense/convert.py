@@ -37,8 +37,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import _ops
 from .dense import DenseClassifier
 from .errors import InputError, PatchSizeError, UnsupportedLayerError
-from .geometry import Lattice, Pair, pair
-from .plan import DensePlan, Sampling, StridingLayer
+from .geometry import Lattice, Pair, checkered_phases, pair, sample_grid
+from .plan import DensePlan, Sampling, SamplingCost, StridingLayer
 
 __all__ = [
     "Classifier",
@@ -52,7 +52,7 @@ __all__ = [
 SamplingSpec = str | Mapping[str, str]
 #: What densify/explain accept: a module (traced with torch.fx) or a torch.export program.
 Classifier = nn.Module | ExportedProgram
-_SAMPLINGS = ("all", "none")
+_SAMPLINGS = ("all", "checkered", "none")
 # How the s × s phases of a densified layer are carried: "dilated" keeps them interleaved in the
 # map and dilates every later kernel (à trous); "batch" moves them into the batch dimension
 # (FDFE's multi-pooling, space-to-batch) and unwarps them at the end.
@@ -676,8 +676,14 @@ class _DenseGraphBuilder:
                 "size at which the map is 1x1"
             )
         out = self.env[result]
-        if self.lattice[result].phases:  # phase-batch form: interleave the phases back
-            out = self.graph.call_function(_ops.batch_to_space, (out, self.lattice[result].phases))
+        lattice = self.lattice[result]
+        if lattice.phases:  # phase-batch form: interleave the phases back
+            out = self.graph.call_function(_ops.batch_to_space, (out, lattice.phases))
+        if lattice.checkered:  # checkered phases: onto the grid of the sample pattern
+            grid, pattern = sample_grid(lattice)
+            offsets = tuple((oy // grid[0], ox // grid[1]) for oy, ox in lattice.sample_offsets())
+            period = (len(pattern), len(pattern[0]))
+            out = self.graph.call_function(_ops.scatter_phases, (out, offsets, period))
         self.graph.output(out)
 
     def _copy(self, node: fx.Node) -> None:
@@ -981,6 +987,7 @@ class _DenseGraphBuilder:
             op=op,
             name=name,
             macs_per_position=float(torch.Size(weight_shape).numel()),
+            pad_with=(padding_mode, 0.0),
             emit=lambda x_new, st, dil, pd: self.graph.call_function(
                 _ops.dense_conv2d,
                 (x_new, weight_node, bias_node, st, dil, pd, padding_mode, groups),
@@ -1033,6 +1040,7 @@ class _DenseGraphBuilder:
             op=op,
             name=name,
             macs_per_position=0.0,
+            pad_with=("constant", float("-inf") if kind == "max" else 0.0),
             emit=lambda x_new, st, dil, pd: self.graph.call_function(
                 _ops.dense_pool2d, (x_new, kind, kernel, dil, st, pd, count)
             ),
@@ -1103,9 +1111,14 @@ class _DenseGraphBuilder:
         op: str,
         name: str,
         macs_per_position: float,
+        pad_with: tuple[str, float],
         emit: Callable[..., fx.Node],
     ) -> None:
-        """Emit a layer that slides a window: conv or pooling."""
+        """Emit a layer that slides a window: conv or pooling.
+
+        ``emit(x, stride, dilation, padding)`` adds the layer to the graph; ``pad_with`` is the
+        padding mode and value the layer pads with.
+        """
         lattice = self._spatial_lattice(node, x)
         out_shape = _shape(node)
         assert out_shape is not None
@@ -1118,12 +1131,28 @@ class _DenseGraphBuilder:
             sampling = self.requested.get(name, self.default)
             self.layers.append(StridingLayer(name, op, kernel, stride, sampling))
         dense_stride: Pair = (1, 1) if sampling == "all" else stride
-        out_lattice = lattice.densified(stride) if sampling == "all" else lattice.strided(stride)
         d = self._emitted_dilation(lattice)
         dilation = (own_dilation[0] * d[0], own_dilation[1] * d[1])
         left, right, top, bottom = padding
         dense_padding = (left * d[1], right * d[1], top * d[0], bottom * d[0])
-        self.env[node] = emit(self.env[x], dense_stride, dilation, dense_padding)
+        if sampling == "checkered":
+            if self.phases == "batch":
+                raise self._unsupported(
+                    node, "checkered sampling needs phases='dilated' (the default)."
+                )
+            # Multisampling: run the layer at its stride on each kept phase of its (padded)
+            # input; the phases ride in the batch, later layers treat each as its own map.
+            split = self.graph.call_function(
+                _ops.phase_split,
+                (self.env[x], stride, checkered_phases(stride), dense_padding, *pad_with),
+            )
+            self.env[node] = emit(split, dense_stride, dilation, (0, 0, 0, 0))
+            out_lattice = lattice.checkered_by(stride)
+        else:
+            self.env[node] = emit(self.env[x], dense_stride, dilation, dense_padding)
+            out_lattice = (
+                lattice.densified(stride) if sampling == "all" else lattice.strided(stride)
+            )
         if self.phases == "batch" and stride != (1, 1):
             out_lattice = self._to_phase_batch(node, name, lattice, out_lattice, sampling, stride)
         self.lattice[node] = out_lattice
@@ -1132,8 +1161,7 @@ class _DenseGraphBuilder:
         self.receptive[node] = tuple(  # type: ignore[assignment]
             rf[a] + (kernel[a] - 1) * own_dilation[a] * total[a] for a in (0, 1)
         )
-        step = out_lattice.step
-        self.costs.macs_per_pixel += macs_per_position / (step[0] * step[1])
+        self.costs.macs_per_pixel += macs_per_position * out_lattice.density
         self.costs.macs_per_patch += macs_per_position * out_size[0] * out_size[1]
 
     def _emitted_dilation(self, lattice: Lattice) -> Pair:
@@ -1181,7 +1209,7 @@ class _DenseGraphBuilder:
         out_shape = _shape(node)
         assert out_shape is not None
         macs = float(out_shape[1] * (in_shape[1] if in_shape else 0))
-        self.costs.macs_per_pixel += macs / (lattice.step[0] * lattice.step[1])
+        self.costs.macs_per_pixel += macs * lattice.density
         self.costs.macs_per_patch += macs
 
     # -- layers that act per position ---------------------------------------------------------
@@ -1373,7 +1401,7 @@ class _DenseGraphBuilder:
         shape = _shape(node)
         lattice = self.lattice[node]
         channels = lattice.flattened[0] if lattice.flattened else (shape[1] if shape else 0)
-        per_pixel = 4.0 * channels / (lattice.step[0] * lattice.step[1])
+        per_pixel = 4.0 * channels * lattice.density
         self.costs.bytes_per_pixel[node] = per_pixel
         inputs = sum(self.costs.bytes_per_pixel.get(a, 0.0) for a in node.all_input_nodes)
         self.costs.peak_bytes_per_pixel = max(self.costs.peak_bytes_per_pixel, inputs + per_pixel)
@@ -1413,13 +1441,19 @@ class _DenseGraphBuilder:
 def _parse_sampling(sampling: SamplingSpec) -> tuple[Sampling, dict[str, Sampling]]:
     if isinstance(sampling, str):
         if sampling not in _SAMPLINGS:
-            raise ValueError(f"sampling must be 'all', 'none' or a mapping, got {sampling!r}")
+            raise ValueError(
+                f"sampling must be 'all', 'checkered', 'none' or a mapping, got {sampling!r}"
+            )
         return sampling, {}  # type: ignore[return-value]
     if not isinstance(sampling, Mapping):
-        raise TypeError(f"sampling must be 'all', 'none' or a mapping, got {type(sampling)}")
+        raise TypeError(
+            f"sampling must be 'all', 'checkered', 'none' or a mapping, got {type(sampling)}"
+        )
     for name, value in sampling.items():
         if value not in _SAMPLINGS:
-            raise ValueError(f"sampling of layer {name!r} must be 'all' or 'none', got {value!r}")
+            raise ValueError(
+                f"sampling of layer {name!r} must be 'all', 'checkered' or 'none', got {value!r}"
+            )
     return "none", dict(sampling)
 
 
@@ -1528,18 +1562,22 @@ def _plan_of(builder: _DenseGraphBuilder) -> DensePlan:
         replace(layer, tied_with=tuple(sorted(builder.ties.get(layer.name, set()) - {layer.name})))
         for layer in builder.layers
     )
+    lattice = builder.lattice[output]
+    grid, pattern = sample_grid(lattice)
     return DensePlan(
         patch_size=traced.patch_size,
         in_channels=traced.in_channels,
         num_classes=traced.num_classes,
         layers=layers,
-        output_stride=builder.lattice[output].step,
+        output_stride=grid,
         receptive_field=builder.receptive[output],
         exact=not builder.inexact,
         macs_per_pixel=builder.costs.macs_per_pixel,
         macs_per_patch=builder.costs.macs_per_patch,
         bytes_per_megapixel=builder.costs.peak_bytes_per_pixel * 1e6,
         inexact_reasons=tuple(builder.inexact),
+        density=lattice.density,
+        sample_pattern=pattern if lattice.checkered else None,
     )
 
 
@@ -1574,7 +1612,7 @@ def _relu_in_place(network: fx.GraphModule) -> None:
 
 
 def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
-    """Fill in what densifying each striding layer adds, the others sampled as in ``plan``.
+    """Fill in each striding layer's costs for every sampling, the others sampled as in ``plan``.
 
     Layers tied by a join (their branches must share a lattice) are flipped together.
     """
@@ -1587,9 +1625,14 @@ def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
             builder = _DenseGraphBuilder(traced, {**plan.sampling, **dict.fromkeys(group, choice)})
             builder.build()
             variants[choice] = _plan_of(builder)
+        costs = tuple(
+            SamplingCost(choice, v.density, v.macs_per_pixel, v.bytes_per_megapixel)  # type: ignore[arg-type]
+            for choice, v in ((c, variants[c]) for c in ("none", "checkered", "all"))
+        )
         layers.append(
             replace(
                 layer,
+                costs=costs,
                 added_macs_per_pixel=variants["all"].macs_per_pixel
                 - variants["none"].macs_per_pixel,
                 added_bytes_per_megapixel=(

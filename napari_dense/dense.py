@@ -21,6 +21,9 @@ class DenseClassifier(nn.Module):
     corner is ``(i * sy, j * sx)``, where ``(sy, sx) = output_stride``, so
     ``H' = (H - Ph) // sy + 1``. With every striding layer densified, ``output_stride == (1, 1)``
     and ``out[n, :, i, j] == model(x[n, :, i:i+Ph, j:j+Pw])`` ("valid" dense output).
+    With checkered layers, only the grid points marked in ``sample_pattern`` (repeated every
+    ``len(pattern)`` points) hold samples; the others are zero, to be interpolated
+    (:func:`napari_dense.predict.upsample_lattice`).
 
     Attributes
     ----------
@@ -63,6 +66,18 @@ class DenseClassifier(nn.Module):
     def output_stride(self) -> Pair:
         """Input pixels between neighbouring output samples (``(1, 1)`` when fully densified)."""
         return self.plan.output_stride
+
+    @property
+    def period(self) -> Pair:
+        """Input pixels after which the computed samples repeat: the output stride, times the
+        sample pattern's size with checkered layers (``plan.sample_pattern``). Border padding
+        and tiles align to it."""
+        return self.plan.period
+
+    @property
+    def sample_pattern(self) -> tuple[tuple[bool, ...], ...] | None:
+        """Which output grid points hold computed samples (None: all of them)."""
+        return self.plan.sample_pattern
 
     @property
     def output_offset(self) -> Pair:

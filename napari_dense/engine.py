@@ -164,7 +164,7 @@ def auto_tile_size(dense: DenseClassifier, device: torch.device, budget_bytes: i
     side = int(math.sqrt(budget_bytes / max(bytes_per_pixel, 1.0)))
     side -= max(dense.patch_size)  # the halo is read and computed too
     largest = 2048 if device.type == "cuda" else 1024
-    stride = max(dense.output_stride)
+    stride = max(dense.period)
     return max(min(side, largest) // stride * stride, stride, 64 // stride * stride)
 
 
@@ -237,7 +237,7 @@ class TiledPredictor:
         )
         tile = tile or auto_tile_size(self.dense, self.device, memory_budget)
         self.plan: TilePlan = plan_tiles(
-            source.plane_shape, tile, self.dense.patch_size, self.dense.output_stride, border
+            source.plane_shape, tile, self.dense.patch_size, self.dense.period, border
         )
         self._split_side: int | None = None  # set after an out-of-memory error
         self._normalise = _normaliser(setup.normalisation, self.dense.in_channels, self.device)
@@ -285,7 +285,8 @@ class TiledPredictor:
         return self._forward_in_parts(x, tile.shape)
 
     def _forward_in_parts(self, x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
-        (ph, pw), (sy, sx) = self.dense.patch_size, self.dense.output_stride
+        # Parts align to the period, so each part's samples are a lattice of the whole tile's.
+        (ph, pw), (sy, sx) = self.dense.patch_size, self.dense.period
         while True:
             assert self._split_side is not None
             part_y = max(self._split_side // sy, 1) * sy
@@ -324,7 +325,9 @@ class TiledPredictor:
             samples = torch.softmax(samples, dim=1)
         elif self.setup.activation == "sigmoid":
             samples = torch.sigmoid(samples)
-        out = upsample_lattice(samples, self.dense.output_stride, shape, self.interpolation)
+        out = upsample_lattice(
+            samples, self.dense.output_stride, shape, self.interpolation, self.dense.sample_pattern
+        )
         return out[0].cpu().numpy()
 
     # -- many tiles ----------------------------------------------------------------------------

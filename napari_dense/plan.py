@@ -7,9 +7,31 @@ from typing import Any, Literal
 
 from .geometry import Pair
 
-__all__ = ["DensePlan", "StridingLayer"]
+__all__ = ["DensePlan", "SamplingCost", "StridingLayer"]
 
-Sampling = Literal["all", "none"]
+Sampling = Literal["all", "checkered", "none"]
+
+
+@dataclass(frozen=True)
+class SamplingCost:
+    """The whole network's cost with one layer (and its tied layers) sampled as ``sampling``.
+
+    Attributes
+    ----------
+    sampling
+        ``"none"``, ``"checkered"`` or ``"all"``.
+    density
+        Fraction of output pixels computed exactly (the rest are interpolated).
+    macs_per_pixel
+        Multiply-adds per input pixel.
+    bytes_per_megapixel
+        Estimated peak activation bytes per input megapixel.
+    """
+
+    sampling: Sampling
+    density: float
+    macs_per_pixel: float
+    bytes_per_megapixel: float
 
 
 @dataclass(frozen=True)
@@ -25,7 +47,8 @@ class StridingLayer:
     kernel, stride
         As in the patch network, ``(y, x)``.
     sampling
-        ``"all"``: evaluated at all ``sy × sx`` phases (exact, dense); ``"none"``: kept strided.
+        ``"all"``: evaluated at all ``sy × sx`` phases (exact, dense); ``"checkered"``: at half of
+        them (:func:`~napari_dense.geometry.checkered_phases`); ``"none"``: kept strided.
     added_macs_per_pixel
         Multiply-adds per output pixel that densifying this layer adds, the other layers sampled
         as in this plan.
@@ -35,6 +58,9 @@ class StridingLayer:
         Layers that must be sampled like this one, because their branches are joined (added,
         concatenated) and joined maps must lie on one lattice. The added costs are those of
         flipping the whole group.
+    costs
+        The network's density, multiply-adds and memory for each sampling of this layer (its
+        group), the other layers sampled as in this plan.
     """
 
     name: str
@@ -45,6 +71,14 @@ class StridingLayer:
     added_macs_per_pixel: float = 0.0
     added_bytes_per_megapixel: float = 0.0
     tied_with: tuple[str, ...] = ()
+    costs: tuple[SamplingCost, ...] = ()
+
+    def cost(self, sampling: str) -> SamplingCost:
+        """The entry of :attr:`costs` for ``sampling``."""
+        for cost in self.costs:
+            if cost.sampling == sampling:
+                return cost
+        raise KeyError(f"no cost for sampling {sampling!r} of layer {self.name}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +92,9 @@ class DensePlan:
     layers
         Every striding layer, in graph order (the choices a user can make).
     output_stride
-        Input pixels between neighbouring output samples: 1 when every layer is densified.
+        Input pixels between neighbouring points of the output grid: 1 when every layer is
+        densified. With checkered layers, only the grid points marked in ``sample_pattern``
+        hold computed samples.
     receptive_field
         Input pixels (per axis) that influence one output; at most ``patch_size`` (pooling that
         drops odd rows makes it smaller).
@@ -71,6 +107,13 @@ class DensePlan:
         Multiply-adds of one forward pass of the patch classifier (the naive cost per pixel).
     bytes_per_megapixel
         Estimated peak activation memory per input megapixel (float32), batch 1.
+    density
+        Fraction of output pixels computed exactly (1 for advanced, ``1 / (sy * sx)`` for
+        simple); the rest are interpolated.
+    sample_pattern
+        With checkered layers: which points of the output grid hold computed samples, a
+        ``P × P`` pattern repeated over the grid (``pattern[0][0]`` is always True). None when
+        every grid point is computed.
     """
 
     patch_size: Pair
@@ -84,10 +127,23 @@ class DensePlan:
     macs_per_patch: float
     bytes_per_megapixel: float
     inexact_reasons: tuple[str, ...] = field(default=())
+    density: float = 1.0
+    sample_pattern: tuple[tuple[bool, ...], ...] | None = None
+
+    @property
+    def period(self) -> Pair:
+        """Input pixels after which the computed samples repeat (``output_stride`` times the
+        pattern's size): tiles and border padding align to it."""
+        if self.sample_pattern is None:
+            return self.output_stride
+        return (
+            self.output_stride[0] * len(self.sample_pattern),
+            self.output_stride[1] * len(self.sample_pattern[0]),
+        )
 
     @property
     def sampling(self) -> dict[str, Sampling]:
-        """The sampling of every striding layer, ``{name: "all" | "none"}``."""
+        """The sampling of every striding layer, ``{name: "all" | "checkered" | "none"}``."""
         return {layer.name: layer.sampling for layer in self.layers}
 
     @property
@@ -102,20 +158,25 @@ class DensePlan:
     def to_markdown(self) -> str:
         """The layer table and totals as markdown."""
         lines = [
-            "| layer | op | kernel | stride | sampling | +MAC/px | +MB/Mpx |",
-            "|---|---|---|---|---|---:|---:|",
+            "| layer | op | kernel | stride | sampling | +MAC/px | +MB/Mpx "
+            "| none / checkered / all: exact px, MAC/px |",
+            "|---|---|---|---|---|---:|---:|---|",
         ]
         for layer in self.layers:
+            settings = " / ".join(
+                f"{c.density:.0%}, {_fmt_count(c.macs_per_pixel)}" for c in layer.costs
+            )
             lines.append(
                 f"| {layer.name} | {layer.op} | {_fmt_pair(layer.kernel)} | "
                 f"{_fmt_pair(layer.stride)} | {layer.sampling} | "
                 f"{_fmt_count(layer.added_macs_per_pixel)} | "
-                f"{layer.added_bytes_per_megapixel / 1e6:.1f} |"
+                f"{layer.added_bytes_per_megapixel / 1e6:.1f} | {settings} |"
             )
         lines.append("")
         lines.append(
             f"patch {_fmt_pair(self.patch_size)}, {self.in_channels} channel(s) -> "
             f"{self.num_classes} classes; output stride {_fmt_pair(self.output_stride)}; "
+            f"{self.density:.1%} of pixels computed exactly; "
             f"{_fmt_count(self.macs_per_pixel)} MAC/px "
             f"(naive {_fmt_count(self.macs_per_patch)}/px, {self.speedup_over_naive:.0f}x less); "
             f"~{self.bytes_per_megapixel / 1e6:.0f} MB/Mpx; "

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._image import as_batch, pad_border
@@ -16,18 +15,22 @@ from .dense import DenseClassifier
 from .device import resolve_device
 from .errors import InputError
 from .geometry import border_padding
+from .upsample import upsample_lattice
 
 __all__ = ["MODES", "predict", "sampling_of_mode", "upsample_lattice"]
 
-MODES = {"advanced": "all", "simple": "none"}
+MODES = {"advanced": "all", "checkered": "checkered", "simple": "none"}
 
 
 def sampling_of_mode(mode: str | Mapping[str, str]) -> SamplingSpec:
-    """``"advanced"`` -> ``"all"``, ``"simple"`` -> ``"none"``; mappings pass through."""
+    """``"advanced"`` -> ``"all"``, ``"checkered"`` -> ``"checkered"``, ``"simple"`` ->
+    ``"none"``; mappings pass through."""
     if isinstance(mode, Mapping):
         return mode
     if mode not in MODES:
-        raise InputError(f"mode must be 'advanced', 'simple' or a sampling mapping, got {mode!r}")
+        raise InputError(
+            f"mode must be 'advanced', 'checkered', 'simple' or a sampling mapping, got {mode!r}"
+        )
     return MODES[mode]
 
 
@@ -56,7 +59,9 @@ def predict(
         ``Ph`` or ``(Ph, Pw)``; required for a patch classifier.
     mode
         ``"advanced"`` (every layer densified: exact at every pixel), ``"simple"`` (fully
-        convolutional, interpolated between exact lattice samples) or a sampling mapping.
+        convolutional, interpolated between exact lattice samples), ``"checkered"`` (every
+        layer at half its phases: exact at more pixels, interpolated between them) or a
+        sampling mapping ``{layer: "all" | "checkered" | "none"}``.
     channel_axis
         Channel axis of a 3-D image (inferred from the model's channels when None).
     device
@@ -73,7 +78,8 @@ def predict(
         float32 ``(K, H, W)``. ``out[:, y, x]`` is the classifier's output for the patch whose
         rows are ``y - Ph // 2 … y - Ph // 2 + Ph - 1`` (columns likewise) of the padded image.
         With an output stride ``S > 1`` the samples at ``(S * i, S * j)`` are exact and the rest
-        interpolated between them.
+        interpolated between them; with checkered layers, the pixels of ``plan.sample_pattern``
+        are exact and the rest interpolated (:mod:`napari_dense.upsample`).
     """
     if interpolation not in ("bilinear", "nearest"):
         raise InputError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
@@ -86,32 +92,18 @@ def predict(
     target = resolve_device(device)
     batch = as_batch(image, channel_axis=channel_axis, channels=dense.in_channels)
     height, width = batch.shape[-2:]
-    (ph, pw), (sy, sx) = dense.patch_size, dense.output_stride
+    (ph, pw), (ty, tx) = dense.patch_size, dense.period
+    cells = dense.sample_pattern is not None  # filled cell by cell: sample whole cells
     padded = pad_border(
-        batch, border_padding(height, ph, sy), border_padding(width, pw, sx), border
+        batch,
+        border_padding(height, ph, ty, whole_cells=cells),
+        border_padding(width, pw, tx, whole_cells=cells),
+        border,
     )
     dense = dense.to(target).eval()
     with torch.inference_mode():
         samples = dense(torch.from_numpy(padded).to(target))
-        out = upsample_lattice(samples, (sy, sx), (height, width), interpolation)
+        out = upsample_lattice(
+            samples, dense.output_stride, (height, width), interpolation, dense.sample_pattern
+        )
     return out[0].float().cpu().numpy()
-
-
-def upsample_lattice(
-    samples: torch.Tensor, stride: tuple[int, int], size: tuple[int, int], interpolation: str
-) -> torch.Tensor:
-    """Fill the pixels between lattice samples.
-
-    ``samples[..., i, j]`` sits exactly on pixel ``(stride_y * i, stride_x * j)``; the result has
-    ``size`` and equals ``samples`` on the lattice. Bilinear uses ``align_corners=True`` on the
-    grid spanned by the samples, which is exactly that alignment (no drift on large images).
-    """
-    if stride == (1, 1):
-        return samples[..., : size[0], : size[1]]
-    if interpolation == "nearest":
-        rows = (torch.arange(size[0], device=samples.device) + stride[0] // 2) // stride[0]
-        cols = (torch.arange(size[1], device=samples.device) + stride[1] // 2) // stride[1]
-        return samples[..., rows, :][..., cols]
-    grid = ((samples.shape[-2] - 1) * stride[0] + 1, (samples.shape[-1] - 1) * stride[1] + 1)
-    full = F.interpolate(samples, size=grid, mode="bilinear", align_corners=True)
-    return full[..., : size[0], : size[1]]

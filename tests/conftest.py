@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,15 @@ def oracle_valid(model: torch.nn.Module, x: torch.Tensor, patch: tuple[int, int]
         for image in x.numpy()
     ]
     return np.stack(results).reshape(len(x), -1, *rows.shape)
+
+
+def computed_mask(dense: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Which points of a dense network's output grid (``shape``) hold computed samples."""
+    if dense.sample_pattern is None:
+        return np.ones(shape, dtype=bool)
+    pattern = np.array(dense.sample_pattern)
+    reps = (-(-shape[0] // pattern.shape[0]), -(-shape[1] // pattern.shape[1]))
+    return np.tile(pattern, reps)[: shape[0], : shape[1]]
 
 
 @pytest.fixture(autouse=True)

@@ -46,14 +46,16 @@ def rgb_model() -> torch.nn.Module:
     height=st.integers(1, 70),
     width=st.integers(1, 70),
     tile=st.integers(1, 64),
-    mode=st.sampled_from(["advanced", "simple", "custom"]),
+    mode=st.sampled_from(["advanced", "simple", "custom", "checkered", "strided+checkered"]),
     border=st.sampled_from(["reflect", "edge", "constant"]),
     chunk=st.integers(5, 40),
 )
 def test_tiled_equals_untiled(height, width, tile, mode, border, chunk) -> None:
     torch.manual_seed(1)
     model = fdfe15(num_classes=3).eval()
-    sampling = {"5": "all"} if mode == "custom" else mode
+    # "strided+checkered": the sample pattern sits on a grid of stride 2 (grid and pattern).
+    custom = {"custom": {"5": "all"}, "strided+checkered": {"2": "none", "5": "checkered"}}
+    sampling = custom.get(mode, mode)
     image = np.random.default_rng(height * 71 + width).random((height, width), dtype=np.float32)
     expected = nd.predict(image, model, 15, mode=sampling, border=border)
     lazy = da.from_array(image, chunks=chunk)

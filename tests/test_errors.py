@@ -110,7 +110,7 @@ def test_slicing_feature_maps_is_refused() -> None:
 def test_unknown_sampling_names_list_the_layers() -> None:
     with pytest.raises(ValueError, match=r"unknown layer\(s\) \['pool9'\]; striding layers: 2, 5"):
         nd.densify(fdfe15(), 15, sampling={"pool9": "all"})
-    with pytest.raises(ValueError, match="must be 'all', 'none'"):
+    with pytest.raises(ValueError, match="must be 'all', 'checkered', 'none'"):
         nd.densify(fdfe15(), 15, sampling="some")
 
 
