@@ -1626,7 +1626,7 @@ def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
             builder.build()
             variants[choice] = _plan_of(builder)
         costs = tuple(
-            SamplingCost(choice, v.density, v.macs_per_pixel, v.bytes_per_megapixel)  # type: ignore[arg-type]
+            SamplingCost(choice, v.density, v.macs_per_pixel, v.bytes_per_megapixel)
             for choice, v in ((c, variants[c]) for c in ("none", "checkered", "all"))
         )
         layers.append(
