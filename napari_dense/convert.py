@@ -1692,13 +1692,15 @@ def densify(
     sampling
         ``"all"`` (advanced: every pooling/strided layer evaluated at all phases, exact at every
         pixel), ``"none"`` (simple: fully convolutional, one output per ``output_stride``
-        pixels), or a mapping ``{layer name: "all" | "none"}`` (custom; layers not named are
-        ``"none"``). Names are those of :func:`explain`.
+        pixels), ``"checkered"`` (multisampling: every striding layer evaluated at half of its
+        phases, :func:`~napari_dense.geometry.checkered_phases`; the computed samples form
+        ``plan.sample_pattern``), or a mapping ``{layer name: "all" | "checkered" | "none"}``
+        (custom; layers not named are ``"none"``). Names are those of :func:`explain`.
     phases
         How the phases of densified layers are carried, same result either way:
         ``"dilated"`` (default; later kernels dilated, "à trous") or ``"batch"`` (FDFE's
         space-to-batch: phases moved into the batch dimension and unwarped at the end; no layer
-        may stay strided after a densified one). See README "Performance" for measurements.
+        may stay strided after a densified one, none may be checkered). See README "Performance" for measurements.
     in_channels
         Input channels, when the model has no ``Conv2d`` to read them from.
 
@@ -1707,7 +1709,8 @@ def densify(
     DenseClassifier
         ``forward(x)`` maps ``(N, C, H, W)`` to ``(N, K, H', W')`` where output ``[i, j]`` is the
         classifier's output for the patch with top-left corner ``(i * sy, j * sx)``,
-        ``(sy, sx) = output_stride``, and ``H' = (H - Ph) // sy + 1``.
+        ``(sy, sx) = output_stride``, and ``H' = (H - Ph) // sy + 1``. With checkered layers
+        only the points of ``sample_pattern`` (repeated) are computed, the others are zero.
 
     Warns
     -----
