@@ -10,6 +10,7 @@ import json
 import tempfile
 import time
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ import napari
 import numpy as np
 import torch
 from magicgui.widgets import (
-    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -44,6 +44,12 @@ __all__ = ["DenseInferenceWidget", "dense_widget_of"]
 #: Class colours of the overlay, in class order (additive blending on a dark or RGB image).
 CLASS_COLORMAPS = ("magenta", "green", "cyan", "yellow", "red", "blue", "bop orange", "gray")
 PRESETS = ("Simple", "Advanced", "Custom")
+#: A striding layer's sampling choices, cheapest first (``densify(sampling={layer: ...})``).
+SAMPLINGS = ("none", "checkered", "all")
+SAMPLING_HELP = (
+    "none: kept strided (cheapest; pixels between samples are interpolated) · "
+    "checkered: half of the phases · all: every phase (exact)"
+)
 REFRESH_SECONDS = 0.25  # throttle of the overlay refresh during a run
 
 _WIDGETS: weakref.WeakKeyDictionary[Any, DenseInferenceWidget] = weakref.WeakKeyDictionary()
@@ -91,6 +97,8 @@ class DenseInferenceWidget(Container):
             label="mode", choices=PRESETS, value="Advanced", orientation="horizontal"
         )
         self._switches = Container(label="densify", layout="vertical", labels=False)
+        self._layer_switches: dict[str, ComboBox] = {}
+        self._ties: dict[str, tuple[str, ...]] = {}
         self._estimate = Label(label="estimate", value="")
         self._device = ComboBox(label="device", choices=device_choices(), value="auto")
         self._precision = ComboBox(label="precision", choices=["float32", "bfloat16", "float16"])
@@ -163,14 +171,20 @@ class DenseInferenceWidget(Container):
         self._normalisation.value = json.dumps(meta.normalisation) if meta.normalisation else ""
         self._class.choices = ["all", *meta.class_names]
         self._switches.clear()
+        self._layer_switches = {}
+        self._ties = {layer.name: layer.tied_with for layer in plan.layers}
         for layer in plan.layers:
-            box = CheckBox(
-                text=f"{layer.name}: {layer.op} {layer.kernel[0]}x{layer.kernel[1]} "
-                f"/{layer.stride[0]} (+{layer.added_macs_per_pixel / 1e3:.0f}k MAC/px)",
-                value=True,
+            choice = ComboBox(choices=SAMPLINGS, value="all", tooltip=SAMPLING_HELP)
+            choice.max_width = 105  # the name and cost keep the rest of the row
+            choice.changed.connect(lambda value, name=layer.name: self._on_switch(name, value))
+            self._layer_switches[layer.name] = choice
+            description = Label(
+                value=f"{layer.name}: {layer.op} {layer.kernel[0]}x{layer.kernel[1]} "
+                f"/{layer.stride[0]} (all: +{layer.added_macs_per_pixel / 1e3:.0f}k MAC/px)"
             )
-            box.changed.connect(self._on_switch)
-            self._switches.append(box)
+            row = Container(widgets=[choice, description], layout="horizontal", labels=False)
+            row.margins = (0, 0, 0, 0)
+            self._switches.append(row)
         self._apply_preset(self._preset.value)
 
     def normalisation(self) -> dict[str, Any] | None:
@@ -190,26 +204,62 @@ class DenseInferenceWidget(Container):
         return value
 
     def sampling(self) -> dict[str, str]:
-        """The current per-layer sampling ``{layer: "all" | "none"}``."""
-        if self._loaded is None:
-            return {}
-        layers = explain(self._loaded.module, self._loaded.metadata.patch_size).layers
-        return {
-            layer.name: "all" if box.value else "none"
-            for layer, box in zip(layers, self._switches, strict=True)
-        }
+        """The current per-layer sampling ``{layer: "none" | "checkered" | "all"}``.
+
+        Every striding layer of the loaded model, in plan order (empty without a model): a
+        ``sampling`` mapping for :func:`napari_dense.densify` and ``predict(mode=...)``.
+        """
+        return {name: choice.value for name, choice in self._layer_switches.items()}
+
+    def apply_sampling(self, mapping: Mapping[str, str]) -> None:
+        """Set the layer switches from a sampling mapping (the Frontier view's "Use this setting").
+
+        Layers the mapping does not name are set to ``"none"``, as :func:`napari_dense.densify`
+        reads them. The preset becomes Simple or Advanced when the mapping is one of theirs,
+        Custom otherwise.
+
+        Raises
+        ------
+        ValueError
+            A name that is no striding layer of the loaded model, or a value not in
+            ``("none", "checkered", "all")``.
+        """
+        unknown = sorted(set(mapping) - set(self._layer_switches))
+        if unknown:
+            raise ValueError(
+                f"no striding layer named {', '.join(map(repr, unknown))} in the loaded model "
+                f"(its layers: {', '.join(self._layer_switches) or 'none: load a model first'})"
+            )
+        invalid = sorted({str(value) for value in mapping.values()} - set(SAMPLINGS))
+        if invalid:
+            raise ValueError(
+                f"sampling must be one of {', '.join(SAMPLINGS)}, not {', '.join(invalid)}"
+            )
+        for name, choice in self._layer_switches.items():
+            with choice.changed.blocked():
+                choice.value = mapping.get(name, "none")
+        self._sync_preset()
 
     def _apply_preset(self, preset: str) -> None:
         if preset == "Custom":
             return
-        for box in self._switches:
-            with box.changed.blocked():
-                box.value = preset == "Advanced"
+        for choice in self._layer_switches.values():
+            with choice.changed.blocked():
+                choice.value = "all" if preset == "Advanced" else "none"
         self._update_estimate()
 
-    def _on_switch(self, _: Any = None) -> None:
-        values = [box.value for box in self._switches]
-        preset = "Advanced" if all(values) else "Simple" if not any(values) else "Custom"
+    def _on_switch(self, name: str, value: str) -> None:
+        # Tied layers (joined branches) must share one lattice: they follow the one touched.
+        for other in self._ties.get(name, ()):
+            choice = self._layer_switches.get(other)
+            if choice is not None:
+                with choice.changed.blocked():
+                    choice.value = value
+        self._sync_preset()
+
+    def _sync_preset(self) -> None:
+        values = set(self.sampling().values())
+        preset = "Advanced" if values <= {"all"} else "Simple" if values == {"none"} else "Custom"
         with self._preset.changed.blocked():
             self._preset.value = preset
         self._update_estimate()
@@ -223,7 +273,7 @@ class DenseInferenceWidget(Container):
             plan = explain(
                 self._loaded.module, self._loaded.metadata.patch_size, sampling=self.sampling()
             )
-        except NapariDenseError as err:
+        except (NapariDenseError, ValueError) as err:  # a sampling this version cannot build
             self._estimate.value = str(err)
             return
         shape = _image_data(layer).shape
@@ -434,3 +484,12 @@ def _field_of_view_centre(viewer: Any, layer: Any) -> tuple[float, float] | None
         return None
     values = np.asarray(centre, dtype=float)  # RGB layers: the channel is not a data dim
     return float(values[-2]), float(values[-1])
+
+
+def _visible_box(layer: Any, height: int, width: int) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` of the layer's pixels in the field of view (at least 64 a side)."""
+    # napari keeps the displayed data corners of each layer up to date while drawing.
+    (y0, x0), (y1, x1) = np.asarray(layer.corner_pixels, dtype=int)[:, -2:]
+    y0, x0 = max(min(y0, height - 64), 0), max(min(x0, width - 64), 0)
+    y1, x1 = min(max(y1, y0 + 64), height), min(max(x1, x0 + 64), width)
+    return int(y0), int(y1), int(x0), int(x1)

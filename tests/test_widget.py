@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from architectures import ConcatNet
 from qtpy.QtCore import QTimer
 
 import napari_dense as nd
@@ -64,8 +65,8 @@ def test_run_fills_the_overlay_with_the_exact_prediction(
     model, _ = model_and_file
     widget = dense_widget
     if preset == "Custom":
-        widget._switches[0].value = True
-        widget._switches[1].value = False
+        first, second = widget._layer_switches.values()
+        first.value, second.value = "checkered", "all"
         assert widget._preset.value == "Custom"
     else:
         widget._preset.value = preset
@@ -81,6 +82,67 @@ def test_run_fills_the_overlay_with_the_exact_prediction(
     assert [layer.name for layer in widget._output_layers] == [
         f"{c} (napari-dense)" for c in CLASSES
     ]
+
+
+def test_layer_switches_are_three_way_and_apply_sampling_round_trips(
+    dense_widget, model_and_file
+) -> None:
+    model, _ = model_and_file
+    widget = dense_widget
+    names = [layer.name for layer in nd.explain(model, 32).layers]
+    assert list(widget._layer_switches) == names and len(names) == 2
+    assert all(c.choices == ("none", "checkered", "all") for c in widget._layer_switches.values())
+
+    def density_shown() -> str:
+        return widget._estimate.value.split(" of pixels computed")[0].rsplit("· ", 1)[-1]
+
+    assert widget._preset.value == "Advanced"
+    assert widget.sampling() == dict.fromkeys(names, "all")
+    assert density_shown() == "100%"
+    widget._preset.value = "Simple"
+    assert widget.sampling() == dict.fromkeys(names, "none")
+    assert density_shown() == "6.2%"  # one exact pixel per 4x4 (output stride 4)
+
+    widget._layer_switches[names[1]].value = "checkered"  # touching a layer: Custom
+    assert widget.sampling() == {names[0]: "none", names[1]: "checkered"}
+    assert widget._preset.value == "Custom"
+
+    for mapping in (
+        {names[0]: "checkered", names[1]: "all"},
+        {names[0]: "all", names[1]: "none"},
+        {names[0]: "checkered", names[1]: "checkered"},
+    ):
+        widget.apply_sampling(mapping)
+        assert widget.sampling() == mapping and widget._preset.value == "Custom"
+        density = nd.explain(model, 32, sampling=mapping).density
+        assert density_shown() == (f"{density:.0%}" if density >= 0.1 else f"{density:.1%}")
+    widget.apply_sampling(dict.fromkeys(names, "all"))
+    assert widget._preset.value == "Advanced"
+    widget.apply_sampling({names[1]: "checkered"})  # unnamed layers: "none", as densify reads
+    assert widget.sampling() == {names[0]: "none", names[1]: "checkered"}
+    widget.apply_sampling({})
+    assert widget._preset.value == "Simple"
+    with pytest.raises(ValueError, match="no striding layer named 'nope'"):
+        widget.apply_sampling({"nope": "all"})
+    with pytest.raises(ValueError, match="one of none, checkered, all"):
+        widget.apply_sampling({names[0]: "half"})
+    assert widget.sampling() == dict.fromkeys(names, "none")  # a refused mapping changes nothing
+
+
+def test_tied_layers_switch_together(make_napari_viewer, tmp_path) -> None:
+    # ConcatNet's two strided branches are joined by a concat: one lattice, one sampling.
+    path = tmp_path / "concat.pt2"
+    metadata = ModelMetadata(patch_size=(12, 12), in_channels=1, class_names=["a", "b"])
+    save_classifier(ConcatNet().eval(), path, metadata=metadata)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 40), np.float32), name="grey")
+    widget = DenseInferenceWidget(viewer)
+    widget.load_model(path)
+    tied = [layer for layer in nd.explain(ConcatNet(), 12).layers if layer.tied_with]
+    assert len(tied) == 2
+    widget._layer_switches[tied[0].name].value = "checkered"
+    assert widget.sampling() == {tied[0].name: "checkered", tied[1].name: "checkered"}
+    assert widget._preset.value == "Custom" and "pixels computed" in widget._estimate.value
 
 
 def test_cancel_keeps_finished_tiles_and_a_second_run_works(
