@@ -11,6 +11,7 @@ from .convert import densify, explain
 from .dense import DenseClassifier
 from .engine import iter_predict
 from .errors import InputError, NapariDenseError, PatchSizeError, UnsupportedLayerError
+from .frontier import Frontier, FrontierRow, frontier, iter_frontier
 from .model_files import LoadedClassifier, ModelMetadata, load_classifier, save_classifier
 from .plan import DensePlan, StridingLayer
 from .predict import predict
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseClassifier",
     "DensePlan",
+    "Frontier",
+    "FrontierRow",
     "InputError",
     "LoadedClassifier",
     "ModelMetadata",
@@ -31,6 +34,8 @@ __all__ = [
     "__version__",
     "densify",
     "explain",
+    "frontier",
+    "iter_frontier",
     "iter_predict",
     "load_classifier",
     "predict",
