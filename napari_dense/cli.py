@@ -129,7 +129,9 @@ def _read_region(image: str, channels: int, region: str | None, channel_axis: in
 
     source = open_image(image, channels=channels, channel_axis=channel_axis)
     if source.leading_shape:
-        raise NapariDenseError("compare takes a single plane; pass a 2-D (+ channels) image")
+        raise NapariDenseError(
+            "compare and frontier take a single plane; pass a 2-D (+ channels) image"
+        )
     plane = source.array
     if region:
         try:
@@ -152,6 +154,60 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         image, module, args.patch or patch, channel_axis=0, device=args.device
     )
     print(comparison.to_markdown())
+
+
+def _cmd_frontier(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .frontier import frontier, frontier_size
+
+    if not args.budget >= 0:
+        raise NapariDenseError(f"--budget must be a number >= 0, got {args.budget}")
+    plot = Path(args.plot)
+    # Refused before measuring anything: the measurements are what takes time.
+    if plot.exists() and not args.overwrite:
+        raise NapariDenseError(f"{plot} exists; pass --overwrite to replace it, or another --plot")
+    model, patch, channels = _load_model(args.model)
+    image = _read_region(args.image, channels, args.region, args.channel_axis)
+    metadata = getattr(model, "metadata", None)
+    # Model files say how their outputs become probabilities; built-in nets output scores.
+    activation = metadata.activation if metadata is not None else "softmax"
+    module, patch = getattr(model, "module", model), args.patch or patch
+    total = frontier_size(module, patch, max_exhaustive=args.max_exhaustive)
+    bar = tqdm(total=total, unit="setting", dynamic_ncols=True, disable=args.quiet)
+
+    def progress(done: int, total: int | None, row: Any) -> None:
+        bar.set_postfix_str(row.label)
+        bar.update(1)
+
+    try:
+        result = frontier(
+            module,
+            image,
+            patch,
+            channel_axis=0,
+            normalisation=metadata.normalisation if metadata is not None else None,
+            activation=None if activation == "none" else activation,
+            device=args.device,
+            repeats=args.repeats,
+            max_exhaustive=args.max_exhaustive,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    picked = result.pick(args.budget, args.metric)
+    print(result.to_markdown())
+    print()
+    advanced = result.advanced
+    print(
+        f"picked for {args.metric} <= {args.budget:g}: {picked.label or 'A'} "
+        f"({', '.join(f'{name}={level}' for name, level in picked.sampling.items()) or '-'}), "
+        f"{picked.seconds:.4f} s vs advanced {advanced.seconds:.4f} s: "
+        f"{result.speedup(picked):.2f}x faster; class change {picked.class_change:.2%}, "
+        f"mean |Δp| {picked.mean_abs_diff:.2e}"
+    )
+    result.plot(plot, picked=picked)
+    print(f"wrote {plot}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -227,6 +283,40 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--channel-axis", type=int, help="channel axis of the image")
     compare.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     compare.set_defaults(run=_cmd_compare)
+
+    front = commands.add_parser(
+        "frontier",
+        help="time vs error of per-layer samplings; the fastest within an error budget",
+    )
+    front.add_argument("model", help=model_help)
+    front.add_argument("image", help="image file")
+    front.add_argument("--region", help="y0:y1,x0:x1 (default: the whole image)")
+    front.add_argument(
+        "--budget",
+        type=float,
+        default=0.01,
+        help="largest error accepted, in the metric's unit (class_change: fraction of pixels)",
+    )
+    front.add_argument(
+        "--metric",
+        default="class_change",
+        choices=["class_change", "mean_abs_diff", "p99_abs_diff"],
+        help="error measure against advanced",
+    )
+    front.add_argument("--plot", default="frontier.png", help="PNG of time vs class change")
+    front.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    front.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    front.add_argument(
+        "--max-exhaustive",
+        type=int,
+        default=4,
+        help="most layer groups tried in every combination (more: a greedy path)",
+    )
+    front.add_argument("--patch", type=int, help="patch size (default: the model's)")
+    front.add_argument("--channel-axis", type=int, help="channel axis of the image")
+    front.add_argument("--overwrite", action="store_true", help="replace an existing plot")
+    front.add_argument("--quiet", action="store_true", help="no progress bar")
+    front.set_defaults(run=_cmd_frontier)
 
     demo = commands.add_parser(
         "demo", help="the trained IHC model in napari (or headless without a display)"

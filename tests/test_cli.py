@@ -103,3 +103,24 @@ def test_predict_bad_inputs_are_one_line_errors(tmp_path) -> None:
     small = _run_cli("predict", "15x15", str(tmp_path / "tiny.npy"), "-o", out, "--quiet")
     assert small.returncode == 0, small.stderr
     _one_line_error(_run_cli("predict", "15x15", str(grey), "-o", out), "exists", "--overwrite")
+
+
+def test_frontier_prints_table_and_pick_and_writes_the_plot(tmp_path, capsys) -> None:
+    import numpy as np
+
+    image = tmp_path / "grey.npy"
+    np.save(image, np.random.default_rng(0).random((40, 48), dtype=np.float32))
+    plot = tmp_path / "frontier.png"
+    args = ["frontier", "15x15", str(image), "--region", "0:32,0:40", "--plot", str(plot),
+            "--repeats", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| A A |" in out and "| N N |" in out and "on 32x40 px" in out
+    assert "picked for class_change <= 0.01:" in out and "x faster" in out
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    # The plot is not overwritten without being asked, and nothing is measured first.
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists" in err and "--overwrite" in err
+    assert main([*args, "--overwrite", "--metric", "mean_abs_diff", "--budget", "0"]) == 0
+    assert "picked for mean_abs_diff <= 0: A A" in capsys.readouterr().out
