@@ -1700,7 +1700,8 @@ def densify(
         How the phases of densified layers are carried, same result either way:
         ``"dilated"`` (default; later kernels dilated, "à trous") or ``"batch"`` (FDFE's
         space-to-batch: phases moved into the batch dimension and unwarped at the end; no layer
-        may stay strided after a densified one, none may be checkered). See README "Performance" for measurements.
+        may stay strided after a densified one, none may be checkered). See README
+        "Performance" for measurements.
     in_channels
         Input channels, when the model has no ``Conv2d`` to read them from.
 
