@@ -1,8 +1,10 @@
 """The "Compare modes" panel: simple vs custom vs advanced on the image or the field of view.
 
-Shows time, throughput, peak memory and the difference to advanced (exact) for each mode, the
-exactness check of advanced against per-patch evaluation, a |simple − advanced| layer (where
-interpolation fails: object boundaries) and bars of time and memory. Copyable as markdown.
+The "Modes" tab shows time, throughput, peak memory and the difference to advanced (exact) for
+each mode, the exactness check of advanced against per-patch evaluation, a |simple − advanced|
+layer (where interpolation fails: object boundaries) and bars of time and memory. Copyable as
+markdown. The "Frontier" tab (:mod:`napari_dense._frontier_view`) measures every per-layer
+sampling on the same region and picks the cheapest within an error budget.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import Container, Label, PushButton, RadioButtons, Table
+from magicgui.widgets import Container, Label, PushButton, RadioButtons, Table, Widget
 from napari.qt.threading import FunctionWorker, create_worker
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QApplication
+from qtpy.QtWidgets import QApplication, QTabWidget
 
-from ._widget import _image_data, dense_widget_of
+from ._frontier_view import FrontierView
+from ._widget import _image_data, _visible_box, dense_widget_of
 from .compare import ModeComparison, compare_modes
 
 __all__ = ["CompareModesWidget"]
@@ -42,16 +45,22 @@ class CompareModesWidget(Container):
         self._exactness = Label(value="")
         self._bars = Label(value="")
         self._copy_button = PushButton(text="Copy as markdown", enabled=False)
-        self.extend(
-            [
-                self._region,
-                self._run_button,
-                self._table,
-                self._exactness,
-                self._bars,
-                self._copy_button,
-            ]
-        )
+        modes: list[Widget] = [
+            self._run_button,
+            self._table,
+            self._exactness,
+            self._bars,
+            self._copy_button,
+        ]
+        self._modes = Container(widgets=modes)
+        self._frontier = FrontierView(viewer, self._region)
+        self._modes.margins = (0, 4, 0, 0)  # the tab's frame is margin enough
+        self._tabs = QTabWidget()
+        self._tabs.setDocumentMode(True)
+        self._tabs.addTab(self._modes.native, "Modes")
+        self._tabs.addTab(self._frontier.root_native_widget, "Frontier")  # its scroll area
+        self.append(self._region)  # shared: both tabs measure the same pixels
+        self.native.layout().addWidget(self._tabs)  # Qt's tabs inside the magicgui layout
         self._run_button.changed.connect(self.run)
         self._copy_button.changed.connect(self.copy_markdown)
         self.comparison: ModeComparison | None = None
@@ -75,7 +84,7 @@ class CompareModesWidget(Container):
             image, offset = _visible_region(self._viewer, layer, image)
         sampling = dense.sampling()
         modes: list[Any] = ["simple"]
-        if set(sampling.values()) == {"all", "none"}:
+        if set(sampling.values()) not in ({"all"}, {"none"}, set()):  # custom: not a preset
             modes.append(sampling)
         modes.append("advanced")
         worker = create_worker(
@@ -88,6 +97,7 @@ class CompareModesWidget(Container):
             normalisation=normalisation,
             device=dense._device.value,
             _start_thread=False,
+            _ignore_errors=True,  # shown as a notification below, not raised in the event loop
         )
         worker.returned.connect(lambda result: self._show(result, layer, offset))
         worker.errored.connect(lambda err: show_error(f"napari-dense: {err}"))
@@ -160,12 +170,9 @@ def _visible_region(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """The part of ``image`` in the current field of view (at least 64 px a side)."""
     height, width = image.shape[:2] if layer.rgb else image.shape[-2:]
-    # napari keeps the displayed data corners of each layer up to date while drawing.
-    (y0, x0), (y1, x1) = np.asarray(layer.corner_pixels, dtype=int)[:, -2:]
-    y0, x0 = max(min(y0, height - 64), 0), max(min(x0, width - 64), 0)
-    y1, x1 = min(max(y1, y0 + 64), height), min(max(x1, x0 + 64), width)
+    y0, y1, x0, x1 = _visible_box(layer, height, width)
     region = image[y0:y1, x0:x1] if layer.rgb else image[..., y0:y1, x0:x1]
-    return region, (int(y0), int(x0))
+    return region, (y0, x0)
 
 
 def _bar_chart(comparison: ModeComparison) -> str:
