@@ -87,7 +87,7 @@ def main() -> None:
             f"\nBudget {args.budget:.0%} of pixels changing class -> {picked.label}: "
             f"{picked.seconds:.3f} s vs advanced {front.advanced.seconds:.3f} s "
             f"({front.speedup(picked):.2f}x faster), class change {picked.class_change:.2%}, "
-            f"exact pixels {picked.density:.1%}; plot {plot.relative_to(ROOT)}\n"
+            f"exact pixels {picked.density:.1%}; plot {plot}\n"
         )
         results[name] = {
             "frontier": [asdict(row) for row in front.rows],

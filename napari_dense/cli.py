@@ -49,7 +49,7 @@ def _load_model(name: str) -> tuple[Any, Any, int]:
 
 
 def _parse_sampling(text: str) -> str | dict[str, str]:
-    """``all``, ``none``, ``advanced``, ``simple`` or ``layer=all,layer=none``."""
+    """``all``, ``checkered``, ``none``, ``advanced``, ``simple`` or ``layer=all,layer=none``."""
     aliases = {"advanced": "all", "simple": "none"}
     if "=" not in text:
         return aliases.get(text, text)
@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("model", help=model_help)
     explain.add_argument("--patch", type=int, help="patch size (default: the model's)")
     explain.add_argument(
-        "--sampling", default="all", help="all | none | advanced | simple | layer=all,layer=none"
+        "--sampling",
+        default="all",
+        help="all | checkered | none | advanced | simple | layer=all,layer=checkered,...",
     )
     explain.add_argument("--json", action="store_true", help="print JSON instead of a table")
     explain.set_defaults(run=_cmd_explain)
@@ -246,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("image", help="image: .zarr / OME-Zarr / .tif / .npy / .png ...")
     predict.add_argument("-o", "--output", required=True, help="output .zarr directory")
     predict.add_argument(
-        "--mode", default="advanced", help="advanced | simple | custom spec layer=all,layer=none"
+        "--mode",
+        default="advanced",
+        help="advanced | checkered | simple | custom spec layer=all,layer=checkered,layer=none",
     )
     predict.add_argument("--patch", type=int, help="patch size (default: the model's)")
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")

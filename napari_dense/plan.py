@@ -164,7 +164,7 @@ class DensePlan:
         ]
         for layer in self.layers:
             settings = " / ".join(
-                f"{c.density:.0%}, {_fmt_count(c.macs_per_pixel)}" for c in layer.costs
+                f"{100 * c.density:.3g}%, {_fmt_count(c.macs_per_pixel)}" for c in layer.costs
             )
             lines.append(
                 f"| {layer.name} | {layer.op} | {_fmt_pair(layer.kernel)} | "
