@@ -40,7 +40,8 @@ class CompareModesWidget(Container):
             orientation="horizontal",
         )
         self._run_button = PushButton(text="Compare")
-        self._table = Table(value={"data": [], "columns": []})
+        # With "index": without it magicgui shows the keys as the columns of an empty table.
+        self._table = Table(value={"data": [], "index": [], "columns": []})
         self._table.min_height = 130  # all modes visible without scrolling
         self._exactness = Label(value="")
         self._bars = Label(value="")
