@@ -1,16 +1,19 @@
 """Take the README's screenshots of the running demo (needs a display: ``xvfb-run -a``).
 
-``xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python resources/screenshots.py``
-writes ``resources/screenshot_overlay.png`` (an Advanced run mid-way, overlay filling in) and
-``resources/screenshot_compare.png`` (the Compare panel after comparing the modes).
+``xvfb-run -a -s "-screen 0 1600x1500x24" .venv/bin/python resources/screenshots.py``
+writes ``resources/screenshot_overlay.png`` (an Advanced run mid-way, overlay filling in),
+``resources/screenshot_compare.png`` (the Compare panel after comparing the modes) and
+``resources/screenshot_frontier.png`` (its Frontier tab after measuring every sampling).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
-from qtpy.QtWidgets import QApplication
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QApplication, QDockWidget
 from skimage import io
 
 from napari_dense.demo.run import run_gui
@@ -42,7 +45,28 @@ def main() -> None:
         _pump(0.1)
     _pump(1.0)
     _save(viewer, "screenshot_compare.png")
+    compare._tabs.setCurrentIndex(1)  # the Frontier tab, on the same region
+    window = viewer.window._qt_window
+    window.resize(1560, 1480)  # tall enough for its plot and table unscrolled
+    _pump(0.3)
+    # The height goes to the Compare panel; Dense inference keeps what it needs.
+    window.resizeDocks([_dock_of(dense), _dock_of(compare)], [430, 960], Qt.Orientation.Vertical)
+    assert compare._frontier.run() is not None
+    while compare._frontier._worker is not None:
+        _pump(0.1)
+    compare._frontier._budget.value = 2.0  # at most 2 % of pixels may change class
+    compare._frontier.use_selected()  # the switches of Dense inference show the pick
+    _pump(1.0)
+    _save(viewer, "screenshot_frontier.png")
     viewer.close()
+
+
+def _dock_of(widget: Any) -> QDockWidget:
+    """The napari dock around a plugin widget."""
+    native = widget.native
+    while not isinstance(native, QDockWidget):
+        native = native.parentWidget()
+    return native
 
 
 def _save(viewer: object, name: str) -> None:
