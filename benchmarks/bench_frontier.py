@@ -8,7 +8,7 @@ over advanced reported.
 
 - ``ihc``: the demo model (``resources/ihc_patchnet.pt2``, trained) on the demo image
   (scikit-image's ``immunohistochemistry``).
-- ``vgg64``: the 64×64 benchmark net (random weights, seed 0, softmax) on the same image.
+- ``64x64``: the 64×64 benchmark net (random weights, seed 0, softmax) on the same image.
 
 Run ``python benchmarks/bench_frontier.py`` (``--help`` for options). Prints markdown tables,
 writes the plots to ``--plots`` (default ``resources/``) and JSON to ``benchmarks/results/``.
@@ -33,6 +33,7 @@ from napari_dense.models import BENCHMARK_NETS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
+BUDGETS = (0.005, 0.01, 0.02, 0.05)
 
 
 def model_of(name: str) -> tuple[Any, dict[str, Any]]:
@@ -46,8 +47,12 @@ def model_of(name: str) -> tuple[Any, dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="ihc,vgg64", help="comma-separated: ihc, vgg64, ...")
-    parser.add_argument("--size", type=int, default=256, help="side of the centred region")
+    parser.add_argument(
+        "--models", default="ihc,64x64", help="comma-separated: ihc, 15x15, 32x32, 64x64"
+    )
+    parser.add_argument(
+        "--size", type=int, help="side of the centred region (default: 512 ihc, 256 others)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=0.01, help="class-change budget")
     parser.add_argument("--device", default="auto")
@@ -56,15 +61,15 @@ def main() -> None:
 
     image = data.immunohistochemistry()  # (512, 512, 3) uint8, bundled
     height, width = image.shape[:2]
-    y0, x0 = (height - args.size) // 2, (width - args.size) // 2
-    region = (y0, y0 + args.size, x0, x0 + args.size)
     print(
-        f"# Frontier: {args.size}x{args.size} region of the IHC image, "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads\n"
+        f"# Frontier on the IHC image: torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads\n"
     )
     results: dict[str, Any] = {}
     for name in args.models.split(","):
+        size = args.size or (512 if name == "ihc" else 256)
+        y0, x0 = (height - size) // 2, (width - size) // 2
+        region = (y0, y0 + size, x0, x0 + size)
         model, extra = model_of(name)
         start = time.perf_counter()
         front = nd.frontier(
@@ -80,8 +85,11 @@ def main() -> None:
         picked = front.pick(args.budget)
         plot = args.plots / f"frontier_{name}.png"
         front.plot(plot, picked=picked)
-        print(f"## {name} ({front.search} search over layers {', '.join(front.layers)}; "
-              f"device {front.device}; {elapsed:.0f} s in all)\n")  # fmt: skip
+        layers = ", ".join(front.layers)
+        print(
+            f"## {name} on a {size}x{size} region ({front.search} search over layers {layers}; "
+            f"device {front.device}; {elapsed:.0f} s in all)\n"
+        )
         print(front.to_markdown())
         print(
             f"\nBudget {args.budget:.0%} of pixels changing class -> {picked.label}: "
@@ -89,6 +97,15 @@ def main() -> None:
             f"({front.speedup(picked):.2f}x faster), class change {picked.class_change:.2%}, "
             f"exact pixels {picked.density:.1%}; plot {plot}\n"
         )
+        print("| class-change budget | picked | time (s) | speedup over advanced | class change |")
+        print("|---:|---|---:|---:|---:|")
+        for budget in BUDGETS:
+            row = front.pick(budget)
+            print(
+                f"| {budget:.1%} | {row.label} | {row.seconds:.3f} | "
+                f"{front.speedup(row):.2f}x | {row.class_change:.2%} |"
+            )
+        print()
         results[name] = {
             "frontier": [asdict(row) for row in front.rows],
             "picked": asdict(picked),

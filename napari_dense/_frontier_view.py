@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 import napari
@@ -39,6 +38,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._widget import _image_data, _visible_box, dense_widget_of
+from ._workers import ComputeError
 from .device import resolve_device
 from .frontier import Frontier, FrontierRow, frontier_size, iter_frontier, layer_groups
 
@@ -419,19 +419,13 @@ def _measure(
         for row in rows:
             measured.append(row)
             yield row
-    except RuntimeError as err:
-        # superqt's generator workers take a RuntimeError for a deleted worker and only warn:
-        # torch's errors (out of memory, ...) would vanish instead of reaching the user.
-        raise FrontierFailed(str(err)) from err
+    except RuntimeError as err:  # would only be warned about: see _workers.reporting_errors
+        raise ComputeError(str(err)) from err
     finally:
         close = getattr(rows, "close", None)
         if close is not None:
             close()  # on cancel: iter_frontier stops before the next setting
     return assemble(measured)
-
-
-class FrontierFailed(Exception):
-    """A torch error while measuring (re-raised as no RuntimeError: see :func:`_measure`)."""
 
 
 def _assemble(
@@ -441,21 +435,10 @@ def _assemble(
     device: str,
 ) -> Frontier:
     """The Frontier that :func:`napari_dense.frontier.frontier` returns for the same rows."""
-    marked = [replace(row, pareto=not _dominated(row, rows)) for row in rows]
-    return Frontier(
-        rows=tuple(sorted(marked, key=lambda row: row.seconds)),
+    return Frontier.from_rows(
+        rows,
         layers=tuple("+".join(group) for group in groups),
         image_shape=(box[1] - box[0], box[3] - box[2]),
         device=str(resolve_device(device)),
         search="exhaustive" if len(groups) <= MAX_EXHAUSTIVE else "greedy",
-    )
-
-
-def _dominated(row: FrontierRow, rows: Sequence[FrontierRow]) -> bool:
-    """Another row at least as fast and as accurate, and strictly better in one."""
-    return any(
-        other.seconds <= row.seconds
-        and other.class_change <= row.class_change
-        and (other.seconds < row.seconds or other.class_change < row.class_change)
-        for other in rows
     )

@@ -33,6 +33,7 @@ from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
+from ._workers import reporting_errors
 from .convert import explain
 from .errors import NapariDenseError
 from .estimate import estimate_run
@@ -333,7 +334,12 @@ class DenseInferenceWidget(Container):
         self._run_macs_per_pixel = predictor.dense.plan.macs_per_pixel
         self._tiles_done = self._tiles_shown = 0
         self._activity = progress(total=len(tasks), desc="napari-dense")  # activity dock
-        worker = create_worker(iter_into_store, predictor, store, tasks, _start_thread=False)
+        worker = create_worker(
+            reporting_errors,
+            iter_into_store(predictor, store, tasks),
+            _start_thread=False,
+            _ignore_errors=True,  # shown as a notification (_on_error), not raised in the loop
+        )
         worker.yielded.connect(self._on_tile)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)

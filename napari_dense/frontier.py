@@ -124,6 +124,27 @@ class Frontier:
     device: str
     search: str
 
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[FrontierRow],
+        *,
+        layers: Sequence[str],
+        image_shape: tuple[int, int],
+        device: str,
+        search: str,
+    ) -> Frontier:
+        """The frontier of measured rows (from :func:`iter_frontier`): Pareto flags set, rows
+        sorted fastest first."""
+        marked = [replace(row, pareto=not _dominated(row, rows)) for row in rows]
+        return cls(
+            rows=tuple(sorted(marked, key=lambda row: row.seconds)),
+            layers=tuple(layers),
+            image_shape=image_shape,
+            device=device,
+            search=search,
+        )
+
     @property
     def advanced(self) -> FrontierRow:
         """The all-``"all"`` row: the reference every error is measured against."""
@@ -404,11 +425,9 @@ repeats, levels, max_exhaustive
         rows.append(row)
         if progress is not None:
             progress(len(rows), run.size, row)
-    rows = [replace(row, pareto=not _dominated(row, rows)) for row in rows]
-    rows.sort(key=lambda row: row.seconds)
     height, width = run.image.shape[-2:]
-    return Frontier(
-        rows=tuple(rows),
+    return Frontier.from_rows(
+        rows,
         layers=tuple("+".join(group) for group in run.groups),
         image_shape=(int(height), int(width)),
         device=str(run.device),

@@ -240,3 +240,18 @@ def test_writer_round_trip_with_napari_ome_zarr(qtbot, dense_widget, tmp_path) -
     store = ProbabilityStore.open(out)
     assert store.attributes["patch_size"] == [32, 32]
     assert store.class_names == CLASSES
+
+
+def test_a_torch_error_during_a_run_reaches_the_user(qtbot, dense_widget, monkeypatch) -> None:
+    # torch raises RuntimeError (out of memory, ...), which superqt's workers would only warn
+    # about: the run must end with a notification, not silently.
+    def failing_store_writer(*_args, **_kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+        yield  # a generator, like iter_into_store
+
+    shown: list[str] = []
+    monkeypatch.setattr("napari_dense._widget.iter_into_store", failing_store_writer)
+    monkeypatch.setattr("napari_dense._widget.show_error", shown.append)
+    assert dense_widget.run() is not None
+    _wait(qtbot, dense_widget)
+    assert any("CUDA out of memory (simulated)" in message for message in shown), shown
