@@ -29,9 +29,10 @@ from .convert import densify
 from .dense import DenseClassifier
 from .device import resolve_device
 from .errors import InputError, NapariDenseError
-from .predict import sampling_of_mode, upsample_lattice
+from .predict import sampling_of_mode
 from .sources import ImageSource, open_image
 from .tiling import Tile, TilePlan, plan_tiles
+from .upsample import activate, upsample_lattice
 
 __all__ = [
     "PRECISIONS",
@@ -320,11 +321,7 @@ class TiledPredictor:
             torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
         ):
             samples = self._network(self._normalise(x[None]))
-        samples = samples.float()
-        if self.setup.activation == "softmax":
-            samples = torch.softmax(samples, dim=1)
-        elif self.setup.activation == "sigmoid":
-            samples = torch.sigmoid(samples)
+        samples = activate(samples.float(), self.setup.activation)
         out = upsample_lattice(
             samples, self.dense.output_stride, shape, self.interpolation, self.dense.sample_pattern
         )

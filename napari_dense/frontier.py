@@ -552,7 +552,7 @@ class _Run:
 
         def run() -> np.ndarray:
             return predict(self.image, dense, channel_axis=0, border=self.border,
-                           device=self.device)  # fmt: skip
+                           device=self.device, activation=self.activation)  # fmt: skip
 
         # The first run warms up (kernel selection, allocator) and measures memory, untimed.
         with PeakMemory(self.device) as memory:
@@ -562,7 +562,7 @@ class _Run:
             start = time.perf_counter()
             run()  # returns a numpy array: the device has finished
             times.append(time.perf_counter() - start)
-        probabilities = _activate(scores, self.activation)
+        probabilities = scores  # activated before interpolation, as the engine does
         if reference is None:
             reference = probabilities
         diff = np.abs(probabilities - reference)
@@ -599,15 +599,6 @@ def _dominated(row: FrontierRow, rows: Sequence[FrontierRow]) -> bool:
         and (other.seconds < row.seconds or other.class_change < row.class_change)
         for other in rows
     )
-
-
-def _activate(scores: np.ndarray, activation: str | None) -> np.ndarray:
-    """Class scores ``(K, H, W)`` as probabilities."""
-    if activation == "softmax":
-        return torch.softmax(torch.from_numpy(scores), dim=0).numpy()
-    if activation == "sigmoid":
-        return torch.sigmoid(torch.from_numpy(scores)).numpy()
-    return scores
 
 
 def _groups(layers: Sequence[Any]) -> list[list[str]]:

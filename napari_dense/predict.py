@@ -15,7 +15,7 @@ from .dense import DenseClassifier
 from .device import resolve_device
 from .errors import InputError
 from .geometry import border_padding
-from .upsample import upsample_lattice
+from .upsample import activate, upsample_lattice
 
 __all__ = ["MODES", "predict", "sampling_of_mode", "upsample_lattice"]
 
@@ -44,6 +44,7 @@ def predict(
     device: str | torch.device = "auto",
     border: str = "reflect",
     interpolation: str = "bilinear",
+    activation: str | None = None,
 ) -> np.ndarray:
     """The classifier's output at every pixel of ``image``.
 
@@ -71,6 +72,9 @@ def predict(
         ``"constant"`` (zeros).
     interpolation
         Between lattice samples when ``output_stride > 1``: ``"bilinear"`` or ``"nearest"``.
+    activation
+        ``"softmax"`` (over classes) or ``"sigmoid"`` turns the scores into probabilities
+        before interpolating, as the engine does; None returns the network's scores.
 
     Returns
     -------
@@ -103,6 +107,7 @@ def predict(
     dense = dense.to(target).eval()
     with torch.inference_mode():
         samples = dense(torch.from_numpy(padded).to(target))
+        samples = activate(samples, activation)
         out = upsample_lattice(
             samples, dense.output_stride, (height, width), interpolation, dense.sample_pattern
         )

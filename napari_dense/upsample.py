@@ -23,9 +23,24 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["fill_pattern", "upsample_lattice"]
+__all__ = ["activate", "fill_pattern", "upsample_lattice"]
 
 Pattern = Sequence[Sequence[bool]]
+
+
+def activate(samples: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Class scores ``(N, K, h, w)`` as probabilities: ``"softmax"`` over classes,
+    ``"sigmoid"``, or unchanged (None / ``"none"``).
+
+    Applied to the samples *before* interpolation, so interpolated values are probabilities.
+    """
+    if activation == "softmax":
+        return torch.softmax(samples, dim=1)
+    if activation == "sigmoid":
+        return torch.sigmoid(samples)
+    if activation not in (None, "none"):
+        raise InputError(f"activation must be 'softmax', 'sigmoid' or None, got {activation!r}")
+    return samples
 
 
 def _tent_weights(

@@ -202,6 +202,17 @@ def test_normalisation_and_activation(grey_model) -> None:
     expected = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
     np.testing.assert_allclose(out, expected, atol=TILED_ATOL)
     np.testing.assert_allclose(out.sum(0), 1, atol=1e-5)
+    # Interpolated modes interpolate probabilities (softmax first), in predict as in the engine.
+    for mode in ("simple", "checkered"):
+        tiled = assemble(
+            iter_predict(image, grey_model, 15, mode=mode, normalisation=norm,
+                         activation="softmax", tile=16),
+            (3, 30, 30),
+        )  # fmt: skip
+        whole = nd.predict((image / 255 - 0.5) / 0.25, grey_model, 15, mode=mode,
+                           activation="softmax")  # fmt: skip
+        np.testing.assert_allclose(tiled, whole, atol=TILED_ATOL)
+        np.testing.assert_allclose(whole.sum(0), 1, atol=1e-5)
 
 
 def test_bfloat16_stays_close_to_float32(rgb_model) -> None:

@@ -167,3 +167,8 @@ def test_other_bad_arguments() -> None:
         if torch.cuda.is_available():
             pytest.skip("CUDA present")
         nd.predict(np.zeros((20, 20)), model, 15, device="cuda")
+
+
+def test_unknown_activation_names_the_choices() -> None:
+    with pytest.raises(nd.InputError, match="'softmax', 'sigmoid' or None"):
+        nd.predict(np.zeros((20, 20)), fdfe15(), 15, activation="relu")

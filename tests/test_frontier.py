@@ -84,9 +84,10 @@ def test_advanced_is_the_zero_error_reference(fdfe) -> None:
 def test_errors_are_measured_against_advanced(fdfe) -> None:
     model, image, result = fdfe
     simple = next(row for row in result.rows if row.label == "N N")
-    # Recomputed independently: softmax over classes of simple and advanced predictions.
-    p_simple = torch.softmax(torch.from_numpy(predict(image, model, 15, mode="simple")), 0)
-    p_advanced = torch.softmax(torch.from_numpy(predict(image, model, 15)), 0)
+    # Recomputed independently: probabilities (softmax before interpolation, as the engine
+    # computes them) of simple and advanced predictions.
+    p_simple = torch.from_numpy(predict(image, model, 15, mode="simple", activation="softmax"))
+    p_advanced = torch.from_numpy(predict(image, model, 15, activation="softmax"))
     diff = (p_simple - p_advanced).abs().numpy()
     changed = (p_simple.argmax(0) != p_advanced.argmax(0)).float().mean().item()
     assert simple.mean_abs_diff > 1e-5  # interpolation is not exact on a random image
