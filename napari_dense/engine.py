@@ -321,11 +321,11 @@ class TiledPredictor:
             torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
         ):
             samples = self._network(self._normalise(x[None]))
-        samples = activate(samples.float(), self.setup.activation)
         out = upsample_lattice(
-            samples, self.dense.output_stride, shape, self.interpolation, self.dense.sample_pattern
-        )
-        return out[0].cpu().numpy()
+            samples.float(), self.dense.output_stride, shape, self.interpolation,
+            self.dense.sample_pattern,
+        )  # fmt: skip
+        return activate(out, self.setup.activation)[0].cpu().numpy()
 
     # -- many tiles ----------------------------------------------------------------------------
 

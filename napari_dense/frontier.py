@@ -562,7 +562,7 @@ class _Run:
             start = time.perf_counter()
             run()  # returns a numpy array: the device has finished
             times.append(time.perf_counter() - start)
-        probabilities = scores  # activated before interpolation, as the engine does
+        probabilities = scores  # activated by predict, as the engine does
         if reference is None:
             reference = probabilities
         diff = np.abs(probabilities - reference)

@@ -73,8 +73,8 @@ def predict(
     interpolation
         Between lattice samples when ``output_stride > 1``: ``"bilinear"`` or ``"nearest"``.
     activation
-        ``"softmax"`` (over classes) or ``"sigmoid"`` turns the scores into probabilities
-        before interpolating, as the engine does; None returns the network's scores.
+        ``"softmax"`` (over classes) or ``"sigmoid"`` turns the interpolated scores into
+        probabilities, as the engine does; None returns the network's scores.
 
     Returns
     -------
@@ -107,8 +107,8 @@ def predict(
     dense = dense.to(target).eval()
     with torch.inference_mode():
         samples = dense(torch.from_numpy(padded).to(target))
-        samples = activate(samples, activation)
         out = upsample_lattice(
             samples, dense.output_stride, (height, width), interpolation, dense.sample_pattern
         )
+        out = activate(out, activation)
     return out[0].float().cpu().numpy()

@@ -202,7 +202,7 @@ def test_normalisation_and_activation(grey_model) -> None:
     expected = torch.softmax(torch.from_numpy(logits), dim=0).numpy()
     np.testing.assert_allclose(out, expected, atol=TILED_ATOL)
     np.testing.assert_allclose(out.sum(0), 1, atol=1e-5)
-    # Interpolated modes interpolate probabilities (softmax first), in predict as in the engine.
+    # Interpolated modes: interpolated scores, then softmax, in predict as in the engine.
     for mode in ("simple", "checkered"):
         tiled = assemble(
             iter_predict(image, grey_model, 15, mode=mode, normalisation=norm,

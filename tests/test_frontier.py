@@ -84,8 +84,8 @@ def test_advanced_is_the_zero_error_reference(fdfe) -> None:
 def test_errors_are_measured_against_advanced(fdfe) -> None:
     model, image, result = fdfe
     simple = next(row for row in result.rows if row.label == "N N")
-    # Recomputed independently: probabilities (softmax before interpolation, as the engine
-    # computes them) of simple and advanced predictions.
+    # Recomputed independently: probabilities (as the engine computes them) of simple and
+    # advanced predictions.
     p_simple = torch.from_numpy(predict(image, model, 15, mode="simple", activation="softmax"))
     p_advanced = torch.from_numpy(predict(image, model, 15, activation="softmax"))
     diff = (p_simple - p_advanced).abs().numpy()
