@@ -70,15 +70,10 @@ class CompareModesWidget(Container):
     def run(self, _: Any = None) -> FunctionWorker | None:
         """Compare in a worker thread; returns the worker (tests wait on it)."""
         dense = dense_widget_of(self._viewer)
-        layer, loaded = dense._image.value, dense._loaded
-        if layer is None or loaded is None:
-            show_error("napari-dense: choose an image layer and load a model in Dense inference")
+        inputs = dense.run_inputs()
+        if inputs is None:
             return None
-        try:
-            normalisation = dense.normalisation()
-        except ValueError as err:
-            show_error(f"napari-dense: {err}")
-            return None
+        layer, loaded, normalisation = inputs
         image = np.asarray(_image_data(layer))
         offset = (0, 0)
         if self._region.value == "field of view":

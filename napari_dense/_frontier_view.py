@@ -166,15 +166,10 @@ class FrontierView(Container):
     def run(self, _: Any = None) -> GeneratorWorker | None:
         """Measure every setting in a worker thread; returns the worker (tests wait on it)."""
         dense = dense_widget_of(self._viewer)
-        layer, loaded = dense._image.value, dense._loaded  # type: ignore[attr-defined]
-        if layer is None or loaded is None:
-            show_error("napari-dense: choose an image layer and load a model in Dense inference")
+        inputs = dense.run_inputs()
+        if inputs is None:
             return None
-        try:
-            normalisation = dense.normalisation()
-        except ValueError as err:
-            show_error(f"napari-dense: {err}")
-            return None
+        layer, loaded, normalisation = inputs
         image = _image_data(layer)
         shape = np.shape(image)
         height, width = (shape[-3], shape[-2]) if layer.rgb else (shape[-2], shape[-1])

@@ -37,7 +37,7 @@ from ._workers import reporting_errors
 from .convert import explain
 from .errors import NapariDenseError
 from .estimate import estimate_run
-from .model_files import load_classifier
+from .model_files import LoadedClassifier, load_classifier
 from .to_zarr import iter_into_store, prepare_run
 
 __all__ = ["DenseInferenceWidget", "dense_widget_of"]
@@ -204,6 +204,19 @@ class DenseInferenceWidget(Container):
             raise ValueError('normalisation must be a JSON object like {"scale": 0.0039}')
         return value
 
+    def run_inputs(self) -> tuple[Any, LoadedClassifier, dict[str, Any] | None] | None:
+        """``(image layer, loaded model, normalisation)`` for a run, or None after telling the
+        user what is missing (the Compare panel's views start from these too)."""
+        if self._image.value is None or self._loaded is None:
+            show_error("napari-dense: choose an image layer and load a model in Dense inference")
+            return None
+        try:
+            normalisation = self.normalisation()
+        except ValueError as err:
+            show_error(f"napari-dense: {err}")
+            return None
+        return self._image.value, self._loaded, normalisation
+
     def sampling(self) -> dict[str, str]:
         """The current per-layer sampling ``{layer: "none" | "checkered" | "all"}``.
 
@@ -296,22 +309,17 @@ class DenseInferenceWidget(Container):
 
     def run(self, _: Any = None) -> GeneratorWorker | None:
         """Start a run in a worker thread; returns the worker (tests wait on it)."""
-        layer = self._image.value
-        if layer is None or self._loaded is None:
-            show_error("napari-dense: choose an image layer and load a model first")
+        inputs = self.run_inputs()
+        if inputs is None:
             return None
-        try:
-            normalisation = self.normalisation()
-        except ValueError as err:
-            show_error(f"napari-dense: {err}")
-            return None
+        layer, loaded, normalisation = inputs
         output = str(self._output.value or "").strip()
         if output in ("", "."):
             output = tempfile.mkdtemp(prefix="napari-dense-") + "/probabilities.zarr"
         try:
             predictor, store = prepare_run(
                 _image_data(layer),
-                self._loaded,
+                loaded,
                 output,
                 mode=self.sampling(),
                 channel_axis=-1 if layer.rgb else None,

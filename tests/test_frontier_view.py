@@ -150,6 +150,7 @@ def test_cancel_stops_after_the_current_setting_and_a_rerun_completes(qtbot, pan
 def messages(monkeypatch) -> list[str]:
     shown: list[str] = []
     monkeypatch.setattr("napari_dense._frontier_view.show_error", shown.append)
+    monkeypatch.setattr("napari_dense._widget.show_error", shown.append)  # missing inputs
     return shown
 
 
