@@ -8,7 +8,8 @@ over advanced reported.
 
 - ``ihc``: the demo model (``resources/ihc_patchnet.pt2``, trained) on the demo image
   (scikit-image's ``immunohistochemistry``).
-- ``64x64``: the 64×64 benchmark net (random weights, seed 0, softmax) on the same image.
+- ``64x64``: the 64×64 benchmark net (random He-normal weights, seed 0, softmax) on the same
+  image, normalised like the demo model.
 
 Run ``python benchmarks/bench_frontier.py`` (``--help`` for options). Prints markdown tables,
 writes the plots to ``--plots`` (default ``resources/``) and JSON to ``benchmarks/results/``.
@@ -29,6 +30,7 @@ import torch
 from skimage import data
 
 import napari_dense as nd
+from napari_dense.demo.train import normalisation_of
 from napari_dense.models import BENCHMARK_NETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +44,17 @@ def model_of(name: str) -> tuple[Any, dict[str, Any]]:
         return nd.load_classifier(ROOT / "resources" / "ihc_patchnet.pt2"), {}
     factory, patch, _ = BENCHMARK_NETS[name]
     torch.manual_seed(0)
-    return factory().eval(), {"patch_size": patch, "normalisation": {"scale": 1 / 255}}
+    model = factory().eval()
+    # PyTorch's default init shrinks activations layer by layer: the deep 64x64 net's output is
+    # then nearly constant (no pixel changes class in any setting). He-normal weights and zero
+    # biases keep the random features' scale, so outputs vary across the image like a trained
+    # net's.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+    image = data.immunohistochemistry()
+    return model, {"patch_size": patch, "normalisation": normalisation_of(image)}
 
 
 def main() -> None:
