@@ -159,12 +159,14 @@ class DensePlan:
         """The layer table and totals as markdown."""
         lines = [
             "| layer | op | kernel | stride | sampling | +MAC/px | +MB/Mpx "
-            "| none / checkered / all: exact px, MAC/px |",
+            "| none / checkered / all: exact px, MAC/px, MB/Mpx |",
             "|---|---|---|---|---|---:|---:|---|",
         ]
         for layer in self.layers:
             settings = " / ".join(
-                f"{100 * c.density:.3g}%, {_fmt_count(c.macs_per_pixel)}" for c in layer.costs
+                f"{100 * c.density:.3g}%, {_fmt_count(c.macs_per_pixel)}, "
+                f"{c.bytes_per_megapixel / 1e6:.0f}"
+                for c in layer.costs
             )
             lines.append(
                 f"| {layer.name} | {layer.op} | {_fmt_pair(layer.kernel)} | "
