@@ -168,3 +168,27 @@ def test_an_error_in_the_worker_is_a_notification(qtbot, panel, messages) -> Non
     qtbot.waitUntil(lambda: view._worker is None, timeout=60_000)
     assert len(messages) == 1 and "expects 3 channel(s)" in messages[0], messages
     assert view.frontier is None and view._compute_button.enabled
+
+
+def test_field_of_view_measures_only_the_visible_region(
+    qtbot, make_napari_viewer, model_and_file
+) -> None:
+    viewer = make_napari_viewer(show=True)  # drawn: napari updates the corners it shows
+    image = np.random.default_rng(1).random((300, 320, 3), dtype=np.float32)
+    layer = viewer.add_image(image, name="cells", rgb=True)
+    DenseInferenceWidget(viewer).load_model(model_and_file[1])
+    panel = CompareModesWidget(viewer)
+    panel._region.value = "field of view"
+    panel._frontier._repeats.value = 1
+    viewer.camera.center = (150, 160)
+    viewer.camera.zoom = 8 * viewer.camera.zoom  # a 1/8 of the image in view
+    layer.refresh()
+    qtbot.waitUntil(lambda: np.ptp(layer.corner_pixels[:, 0]) < 200, timeout=10_000)
+    (y0, x0), (y1, x1) = np.asarray(layer.corner_pixels, dtype=int)[:, :2]
+    assert panel._frontier.run() is not None
+    qtbot.waitUntil(lambda: panel._frontier._worker is None, timeout=120_000)
+    frontier = panel._frontier.frontier
+    assert frontier is not None
+    height, width = frontier.image_shape
+    assert 64 <= height < 300 and 64 <= width < 320  # the view, not the whole image
+    assert height == max(y1 - y0, 64) and width == max(x1 - x0, 64)
