@@ -38,6 +38,7 @@ from .convert import explain
 from .errors import NapariDenseError
 from .estimate import estimate_run
 from .model_files import LoadedClassifier, load_classifier
+from .plan import SAMPLINGS
 from .to_zarr import iter_into_store, prepare_run
 
 __all__ = ["DenseInferenceWidget", "dense_widget_of"]
@@ -45,8 +46,6 @@ __all__ = ["DenseInferenceWidget", "dense_widget_of"]
 #: Class colours of the overlay, in class order (additive blending on a dark or RGB image).
 CLASS_COLORMAPS = ("magenta", "green", "cyan", "yellow", "red", "blue", "bop orange", "gray")
 PRESETS = ("Simple", "Advanced", "Custom")
-#: A striding layer's sampling choices, cheapest first (``densify(sampling={layer: ...})``).
-SAMPLINGS = ("none", "checkered", "all")
 SAMPLING_HELP = (
     "none: kept strided (cheapest; pixels between samples are interpolated) · "
     "checkered: half of the phases · all: every phase (exact)"

@@ -187,7 +187,7 @@ def _cmd_frontier(args: argparse.Namespace) -> None:
             patch,
             channel_axis=0,
             normalisation=metadata.normalisation if metadata is not None else None,
-            activation=None if activation == "none" else activation,
+            activation=activation,
             device=args.device,
             repeats=args.repeats,
             max_exhaustive=args.max_exhaustive,

@@ -38,7 +38,7 @@ from . import _ops
 from .dense import DenseClassifier
 from .errors import InputError, PatchSizeError, UnsupportedLayerError
 from .geometry import Lattice, Pair, checkered_phases, pair, sample_grid
-from .plan import DensePlan, Sampling, SamplingCost, StridingLayer
+from .plan import SAMPLINGS, DensePlan, Sampling, SamplingCost, StridingLayer
 
 __all__ = [
     "Classifier",
@@ -52,7 +52,6 @@ __all__ = [
 SamplingSpec = str | Mapping[str, str]
 #: What densify/explain accept: a module (traced with torch.fx) or a torch.export program.
 Classifier = nn.Module | ExportedProgram
-_SAMPLINGS = ("all", "checkered", "none")
 # How the s × s phases of a densified layer are carried: "dilated" keeps them interleaved in the
 # map and dilates every later kernel (à trous); "batch" moves them into the batch dimension
 # (FDFE's multi-pooling, space-to-batch) and unwarps them at the end.
@@ -1440,17 +1439,17 @@ class _DenseGraphBuilder:
 
 def _parse_sampling(sampling: SamplingSpec) -> tuple[Sampling, dict[str, Sampling]]:
     if isinstance(sampling, str):
-        if sampling not in _SAMPLINGS:
+        if sampling not in SAMPLINGS:
             raise ValueError(
                 f"sampling must be 'all', 'checkered', 'none' or a mapping, got {sampling!r}"
             )
-        return sampling, {}  # type: ignore[return-value]
+        return sampling, {}
     if not isinstance(sampling, Mapping):
         raise TypeError(
             f"sampling must be 'all', 'checkered', 'none' or a mapping, got {type(sampling)}"
         )
     for name, value in sampling.items():
-        if value not in _SAMPLINGS:
+        if value not in SAMPLINGS:
             raise ValueError(
                 f"sampling of layer {name!r} must be 'all', 'checkered' or 'none', got {value!r}"
             )
@@ -1620,14 +1619,14 @@ def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
     for layer in plan.layers:
         group = (layer.name, *layer.tied_with)
         variants = {}
-        for choice in _SAMPLINGS:
+        for choice in SAMPLINGS:
             # Only the costs are needed: the graph is built, never compiled into a module.
             builder = _DenseGraphBuilder(traced, {**plan.sampling, **dict.fromkeys(group, choice)})
             builder.build()
             variants[choice] = _plan_of(builder)
         costs = tuple(
             SamplingCost(choice, v.density, v.macs_per_pixel, v.bytes_per_megapixel)
-            for choice, v in ((c, variants[c]) for c in ("none", "checkered", "all"))
+            for choice, v in variants.items()  # SAMPLINGS order: cheapest first
         )
         layers.append(
             replace(

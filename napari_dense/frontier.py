@@ -27,6 +27,7 @@ from ._memory import PeakMemory
 from .convert import densify, explain
 from .device import resolve_device
 from .errors import InputError
+from .plan import SAMPLINGS, _fmt_count
 from .predict import predict
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 #: Per-layer sampling values, cheapest first.
-LEVELS: tuple[str, ...] = ("none", "checkered", "all")
+LEVELS: tuple[str, ...] = SAMPLINGS
 #: Error measures :meth:`Frontier.pick` accepts (all measured against advanced).
 METRICS: tuple[str, ...] = ("class_change", "mean_abs_diff", "p99_abs_diff")
 _LETTERS = {"none": "N", "checkered": "C", "all": "A"}
@@ -556,13 +557,12 @@ class _Run:
 
         # The first run warms up (kernel selection, allocator) and measures memory, untimed.
         with PeakMemory(self.device) as memory:
-            scores = run()
+            probabilities = run()  # activated by predict, as the engine does
         times = []
         for _ in range(self.repeats):
             start = time.perf_counter()
             run()  # returns a numpy array: the device has finished
             times.append(time.perf_counter() - start)
-        probabilities = scores  # activated by predict, as the engine does
         if reference is None:
             reference = probabilities
         diff = np.abs(probabilities - reference)
@@ -676,10 +676,3 @@ def _check_levels(levels: Sequence[str]) -> tuple[str, ...]:
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise InputError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-
-
-def _fmt_count(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"

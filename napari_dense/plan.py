@@ -7,9 +7,11 @@ from typing import Any, Literal
 
 from .geometry import Pair
 
-__all__ = ["DensePlan", "SamplingCost", "StridingLayer"]
+__all__ = ["SAMPLINGS", "DensePlan", "SamplingCost", "StridingLayer"]
 
 Sampling = Literal["all", "checkered", "none"]
+#: Every per-layer sampling, cheapest first.
+SAMPLINGS: tuple[Sampling, ...] = ("none", "checkered", "all")
 
 
 @dataclass(frozen=True)
