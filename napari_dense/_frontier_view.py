@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._widget import _image_data, _visible_box, dense_widget_of
-from ._workers import ComputeError
+from ._workers import reporting_errors
 from .device import resolve_device
 from .frontier import Frontier, FrontierRow, frontier_size, iter_frontier, layer_groups
 
@@ -184,8 +184,7 @@ class FrontierView(Container):
         except Exception as err:  # conversion errors name their fix
             show_error(f"napari-dense: {err}")
             return None
-        worker = create_worker(
-            _measure,
+        measuring = _measure(
             # Called in the worker: iter_frontier reads the region and checks its arguments
             # before the first row, which must not hold up the GUI.
             lambda: iter_frontier(
@@ -201,6 +200,10 @@ class FrontierView(Container):
                 max_exhaustive=MAX_EXHAUSTIVE,
             ),
             lambda rows: _assemble(rows, groups, box, device),
+        )
+        worker = create_worker(
+            reporting_errors,
+            measuring,
             _start_thread=False,
             _ignore_errors=True,  # shown as a notification below, not raised in the event loop
         )
@@ -414,8 +417,6 @@ def _measure(
         for row in rows:
             measured.append(row)
             yield row
-    except RuntimeError as err:  # would only be warned about: see _workers.reporting_errors
-        raise ComputeError(str(err)) from err
     finally:
         close = getattr(rows, "close", None)
         if close is not None:
