@@ -12,6 +12,7 @@ import napari_dense as nd
 from napari_dense.errors import InputError
 from napari_dense.geometry import checkered_phases
 from napari_dense.models import fdfe15, patchnet32
+from napari_dense.reference import patchwise
 from napari_dense.upsample import fill_pattern, upsample_lattice
 
 
@@ -116,6 +117,14 @@ def test_predict_is_exact_on_the_pattern_and_between_simple_and_advanced() -> No
     exact = pattern[rows % period[0], cols % period[1]]
     assert exact.mean() == pytest.approx(dense.plan.density, abs=0.02)
     np.testing.assert_allclose(checkered[:, exact], advanced[:, exact], atol=ATOL, rtol=0)
+    # And directly against per-patch evaluation, border pixels included.
+    ys, xs = np.nonzero(exact)
+    pick = np.random.default_rng(1).choice(len(ys), 300, replace=False)
+    positions = np.stack([ys[pick], xs[pick]], axis=1)
+    oracle = patchwise(image, model, 32, channel_axis=0, border="reflect", positions=positions)
+    np.testing.assert_allclose(
+        checkered[:, positions[:, 0], positions[:, 1]], oracle, atol=ATOL, rtol=0
+    )
     # More exact pixels than simple: closer to advanced on average.
     assert np.abs(checkered - advanced).mean() < np.abs(simple - advanced).mean()
 
