@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .input_checks import handle_non_finite
 
 __all__ = ["BORDER_MODES", "as_batch", "normalise", "pad_border"]
 
@@ -15,7 +16,9 @@ __all__ = ["BORDER_MODES", "as_batch", "normalise", "pad_border"]
 BORDER_MODES = {"reflect": "reflect", "constant": "constant", "edge": "edge"}
 
 
-def as_batch(image: Any, *, channel_axis: int | None, channels: int | None) -> np.ndarray:
+def as_batch(
+    image: Any, *, channel_axis: int | None, channels: int | None, non_finite: str = "refuse"
+) -> np.ndarray:
     """Return ``image`` as a float32 batch ``(1, C, H, W)``.
 
     Parameters
@@ -28,6 +31,8 @@ def as_batch(image: Any, *, channel_axis: int | None, channels: int | None) -> n
         Axis of the channels in a 3-D image; inferred from ``channels`` when None.
     channels
         Channels the model expects (None: accept any).
+    non_finite
+        NaN/infinite values: ``"refuse"`` or ``"zero"`` (:mod:`napari_dense.input_checks`).
     """
     if hasattr(image, "detach"):  # a torch tensor
         image = image.detach().cpu().numpy()
@@ -51,13 +56,7 @@ def as_batch(image: Any, *, channel_axis: int | None, channels: int | None) -> n
     if channels is not None and array.shape[0] != channels:
         raise _channel_mismatch(channels, f"{array.shape[0]}", np.shape(image))
     batch = np.ascontiguousarray(array[None], dtype=np.float32)
-    bad = np.count_nonzero(~np.isfinite(batch)) if array.dtype.kind == "f" else 0
-    if bad:
-        raise InputError(
-            f"the image has {bad} NaN/infinite value(s), which would spread over the whole "
-            "patch around them; replace them first, e.g. numpy.nan_to_num(image)"
-        )
-    return batch
+    return handle_non_finite(batch, non_finite)
 
 
 def _guess_channel_axis(array: np.ndarray, channels: int | None) -> int:

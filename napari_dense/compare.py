@@ -90,6 +90,7 @@ def compare_modes(
     normalisation: Mapping[str, Any] | None = None,
     oracle_pixels: int = 500,
     seed: int = 0,
+    non_finite: str = "refuse",
 ) -> ModeComparison:
     """Run each mode on ``image`` and compare it with advanced (exact) mode.
 
@@ -105,9 +106,11 @@ def compare_modes(
         oracle see ``(x * scale - mean) / std`` per channel, as the engine feeds the network.
     oracle_pixels
         Random pixels on which advanced is checked against :func:`reference.patchwise`.
+    non_finite
+        NaN/infinite pixels: ``"refuse"`` or ``"zero"`` (:mod:`napari_dense.input_checks`).
     """
     target = resolve_device(device)
-    batch = as_batch(image, channel_axis=channel_axis, channels=None)
+    batch = as_batch(image, channel_axis=channel_axis, channels=None, non_finite=non_finite)
     image_chw = normalise(batch[0], normalisation)
     megapixels = image_chw.shape[-2] * image_chw.shape[-1] / 1e6
     ordered = [m for m in modes if m != "advanced"] + ["advanced"]

@@ -29,6 +29,7 @@ from .convert import densify
 from .dense import DenseClassifier
 from .device import resolve_device
 from .errors import InputError, NapariDenseError
+from .input_checks import check_non_finite_policy, check_value_range, handle_non_finite
 from .predict import sampling_of_mode
 from .sources import ImageSource, open_image
 from .tiling import Tile, TilePlan, plan_tiles
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = ("softmax", "sigmoid", "none")
+#: Smallest tile side accepted: every tile also reads and computes a patch-sized halo, so below
+#: this the halo costs more than the tile itself, and a 512² image would take 1,000+ tiles.
+MIN_TILE = 16
 
 #: Called with the input window shape (rows, cols) before each forward pass; may raise
 #: ``torch.OutOfMemoryError``. Lets tests force the out-of-memory fallback on a CPU.
@@ -195,6 +199,8 @@ class TiledPredictor:
         Output pixels per tile side (or ``(ty, tx)``); None chooses from ``memory_budget``.
     compile
         Compile the network with ``torch.compile`` (once per tile shape).
+    non_finite
+        NaN/infinite pixels: ``"refuse"`` or ``"zero"`` (:mod:`napari_dense.input_checks`).
     memory_check
         Test hook, see :data:`MemoryCheck`.
     """
@@ -212,7 +218,11 @@ class TiledPredictor:
         memory_budget: int | None = None,
         memory_check: MemoryCheck | None = None,
         compile: bool = False,
+        non_finite: str = "refuse",
     ):
+        self.non_finite = check_non_finite_policy(non_finite)
+        if tile is not None:
+            tile = _check_tile(tile)
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if interpolation not in ("bilinear", "nearest"):
@@ -242,6 +252,7 @@ class TiledPredictor:
         )
         self._split_side: int | None = None  # set after an out-of-memory error
         self._normalise = _normaliser(setup.normalisation, self.dense.in_channels, self.device)
+        check_value_range(source.array.dtype, setup.normalisation, _describe(source))
 
     @property
     def num_classes(self) -> int:
@@ -260,9 +271,25 @@ class TiledPredictor:
     # -- one tile ------------------------------------------------------------------------------
 
     def read(self, leading: tuple[int, ...], tile: Tile) -> np.ndarray:
-        """The tile's input window, ``(C, rows, cols)`` float32."""
+        """The tile's input window, ``(C, rows, cols)`` float32, checked for NaN/infinity.
+
+        Raises
+        ------
+        InputError
+            A chunk of the image cannot be read (named), or the window holds NaN/infinite values
+            and the policy is ``"refuse"``.
+        """
         rows, cols = self.plan.input_indices(tile)
-        return self.source.read_window(leading, rows, cols)
+        try:
+            window = self.source.read_window(leading, rows, cols)
+        except NapariDenseError:
+            raise
+        except Exception as err:
+            raise _unreadable(self.source, leading, rows, cols, err) from err
+        if self.source.array.dtype.kind != "f":
+            return window  # integers hold no NaN
+        plane = f" of plane {leading}" if leading else ""
+        return handle_non_finite(window, self.non_finite, f"the input of tile {tile.box}{plane}")
 
     def compute(self, window: np.ndarray, tile: Tile) -> np.ndarray:
         """Probabilities ``(K, h, w)`` of ``tile`` from its input window.
@@ -367,6 +394,48 @@ class TiledPredictor:
                 )
 
 
+def _check_tile(tile: int | tuple[int, int]) -> int | tuple[int, int]:
+    sides = (tile,) if isinstance(tile, int) else tuple(tile)
+    if not all(isinstance(s, int | np.integer) and s >= MIN_TILE for s in sides):
+        raise InputError(
+            f"tile sides must be whole numbers of at least {MIN_TILE} px (each tile also reads "
+            f"and computes a patch-sized halo), got {tile!r}; omit tile (CLI: --tile) to size "
+            "tiles from the memory budget"
+        )
+    return tile
+
+
+def _describe(source: ImageSource) -> str:
+    return f"the image {source.path}" if source.path else "the image"
+
+
+def _unreadable(
+    source: ImageSource, leading: tuple[int, ...], rows: np.ndarray, cols: np.ndarray,
+    err: Exception,
+) -> InputError:  # fmt: skip
+    """An error naming the first chunk of the window that cannot be read."""
+    valid_rows, valid_cols = rows[rows >= 0], cols[cols >= 0]
+    r0, r1 = int(valid_rows.min()), int(valid_rows.max()) + 1
+    c0, c1 = int(valid_cols.min()), int(valid_cols.max()) + 1
+    block = source.array[(*leading, slice(None), slice(r0, r1), slice(c0, c1))]
+    where = f"rows {r0}:{r1}, columns {c0}:{c1}"
+    for index in np.ndindex(*block.numblocks):
+        try:
+            block.blocks[index].compute(scheduler="synchronous")
+        except Exception:
+            y0 = r0 + sum(block.chunks[-2][: index[-2]])
+            x0 = c0 + sum(block.chunks[-1][: index[-1]])
+            y1, x1 = y0 + block.chunks[-2][index[-2]], x0 + block.chunks[-1][index[-1]]
+            where = f"the chunk at rows {y0}:{y1}, columns {x0}:{x1}"
+            break
+    reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+    return InputError(
+        f"cannot read {where}{f' of plane {leading}' if leading else ''} of "
+        f"{_describe(source)} ({reason}); the data there is damaged: restore or re-export the "
+        "image; a store being written stays resumable (--resume)"
+    )
+
+
 def _normaliser(
     normalisation: Mapping[str, Any] | None, channels: int, device: torch.device
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -429,6 +498,7 @@ def iter_predict(
     centre: tuple[float, float] | None = None,
     memory_check: MemoryCheck | None = None,
     compile: bool = False,
+    non_finite: str = "refuse",
 ) -> Iterator[TileResult]:
     """Predict ``image`` tile by tile, yielding each tile's probabilities as soon as it is done.
 
@@ -448,7 +518,8 @@ def iter_predict(
     precision
         ``"float32"``, ``"bfloat16"`` or ``"float16"`` (autocast; the output is float32).
     tile
-        Output pixels per tile side; None picks the largest that fits ``memory_budget`` bytes.
+        Output pixels per tile side (at least :data:`MIN_TILE`); None picks the largest that
+        fits ``memory_budget`` bytes.
     normalisation, activation
         ``{"scale", "mean", "std"}`` applied as ``(x * scale - mean) / std`` before the
         network; ``"softmax"``, ``"sigmoid"`` or ``"none"`` after it.
@@ -460,6 +531,9 @@ def iter_predict(
         Test hook called before each forward pass (see :data:`MemoryCheck`).
     compile
         ``torch.compile`` the network (once per run: all tiles share one shape).
+    non_finite
+        NaN/infinite pixels: ``"refuse"`` (the tile that holds one raises an error naming this
+        option) or ``"zero"`` (read as 0); see :mod:`napari_dense.input_checks`.
 
     Yields
     ------
@@ -471,6 +545,7 @@ def iter_predict(
         normalisation=normalisation, activation=activation, device=device,
         precision=precision, border=border, interpolation=interpolation, tile=tile,
         memory_budget=memory_budget, memory_check=memory_check, compile=compile,
+        non_finite=non_finite,
     )  # fmt: skip
     done = {(tuple(leading), tuple(box)) for leading, box in skip}
     tasks = [(lead, t) for lead, t in predictor.tasks(centre) if (lead, t.box) not in done]

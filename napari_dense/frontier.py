@@ -331,6 +331,7 @@ def iter_frontier(
     repeats: int = 3,
     levels: Sequence[str] = LEVELS,
     max_exhaustive: int = 4,
+    non_finite: str = "refuse",
 ) -> Iterator[FrontierRow]:
     """Measure sampling settings one at a time (the unit of progress and of cancelling).
 
@@ -368,6 +369,8 @@ def iter_frontier(
         The samplings tried per group, a subset of :data:`LEVELS` that includes ``"all"``.
     max_exhaustive
         The most groups searched exhaustively.
+    non_finite
+        NaN/infinite pixels: ``"refuse"`` or ``"zero"`` (:mod:`napari_dense.input_checks`).
 
     Yields
     ------
@@ -379,7 +382,7 @@ def iter_frontier(
     run = _Run.prepare(
         model, image, patch_size, region=region, channel_axis=channel_axis,
         normalisation=normalisation, activation=activation, device=device, border=border,
-        repeats=repeats, levels=levels, max_exhaustive=max_exhaustive,
+        repeats=repeats, levels=levels, max_exhaustive=max_exhaustive, non_finite=non_finite,
     )  # fmt: skip
     return run.rows()
 
@@ -399,13 +402,14 @@ def frontier(
     levels: Sequence[str] = LEVELS,
     max_exhaustive: int = 4,
     progress: Callable[[int, int | None, FrontierRow], None] | None = None,
+    non_finite: str = "refuse",
 ) -> Frontier:
     """Measure sampling settings of ``model`` on ``image`` (see :func:`iter_frontier`).
 
     Parameters
     ----------
     model, image, patch_size, region, channel_axis, normalisation, activation, device, border, \
-repeats, levels, max_exhaustive
+repeats, levels, max_exhaustive, non_finite
         As in :func:`iter_frontier`.
     progress
         Called after each setting with ``(done, total, row)``; ``total`` is
@@ -419,7 +423,7 @@ repeats, levels, max_exhaustive
     run = _Run.prepare(
         model, image, patch_size, region=region, channel_axis=channel_axis,
         normalisation=normalisation, activation=activation, device=device, border=border,
-        repeats=repeats, levels=levels, max_exhaustive=max_exhaustive,
+        repeats=repeats, levels=levels, max_exhaustive=max_exhaustive, non_finite=non_finite,
     )  # fmt: skip
     rows: list[FrontierRow] = []
     for row in run.rows():
@@ -467,6 +471,7 @@ class _Run:
         repeats: int,
         levels: Sequence[str],
         max_exhaustive: int,
+        non_finite: str = "refuse",
     ) -> _Run:
         checked_levels = _check_levels(levels)
         if activation == "none":
@@ -489,6 +494,7 @@ class _Run:
             _crop(image, region, channel_axis, plan.in_channels),
             channel_axis=channel_axis,
             channels=plan.in_channels,
+            non_finite=non_finite,
         )
         return cls(
             module=module,

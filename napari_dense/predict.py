@@ -45,6 +45,7 @@ def predict(
     border: str = "reflect",
     interpolation: str = "bilinear",
     activation: str | None = None,
+    non_finite: str = "refuse",
 ) -> np.ndarray:
     """The classifier's output at every pixel of ``image``.
 
@@ -75,6 +76,9 @@ def predict(
     activation
         ``"softmax"`` (over classes) or ``"sigmoid"`` turns the interpolated scores into
         probabilities, as the engine does; None returns the network's scores.
+    non_finite
+        NaN/infinite pixels: ``"refuse"`` (an error naming this option) or ``"zero"`` (read as
+        0), as everywhere (:mod:`napari_dense.input_checks`).
 
     Returns
     -------
@@ -94,7 +98,9 @@ def predict(
             raise InputError("patch_size is required to convert a patch classifier")
         dense = densify(model, patch_size, sampling=sampling_of_mode(mode))
     target = resolve_device(device)
-    batch = as_batch(image, channel_axis=channel_axis, channels=dense.in_channels)
+    batch = as_batch(
+        image, channel_axis=channel_axis, channels=dense.in_channels, non_finite=non_finite
+    )
     height, width = batch.shape[-2:]
     (ph, pw), (ty, tx) = dense.patch_size, dense.period
     cells = dense.sample_pattern is not None  # filled cell by cell: sample whole cells

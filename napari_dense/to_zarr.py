@@ -50,6 +50,7 @@ def prepare_run(
     resume: bool = False,
     memory_check: MemoryCheck | None = None,
     compile: bool = False,
+    non_finite: str = "refuse",
 ) -> tuple[TiledPredictor, ProbabilityStore]:
     """Open the image, convert the model, plan the tiles and create (or reopen) the store."""
     if overwrite and resume:
@@ -59,6 +60,7 @@ def prepare_run(
         normalisation=normalisation, activation=activation, class_names=class_names,
         device=device, precision=precision, border=border, interpolation=interpolation,
         tile=tile, memory_budget=memory_budget, memory_check=memory_check, compile=compile,
+        non_finite=non_finite,
     )  # fmt: skip
     setup, source = predictor.setup, predictor.source
     if len(source.leading_shape) > 2:
@@ -97,6 +99,7 @@ def prepare_run(
         "compiled": compile,
         "border": border,
         "interpolation": interpolation,
+        "non_finite": non_finite,
         "normalisation": dict(setup.normalisation) if setup.normalisation else None,
         "activation": setup.activation,
         "source_path": source.path,
@@ -169,7 +172,8 @@ def predict_to_zarr(
         ``patch_size``, ``mode``, ``channel_axis``, ``level``, ``device``, ``precision``,
         ``border``, ``interpolation``, ``tile``, ``memory_budget``, ``normalisation``,
         ``activation``, ``class_names``, ``dtype`` (``"float32"``, ``"float16"``, ``"uint8"``),
-        ``overwrite``, ``resume``, ``compile`` (``torch.compile`` the network once per run).
+        ``overwrite``, ``resume``, ``compile`` (``torch.compile`` the network once per run),
+        ``non_finite`` (``"refuse"`` NaN/infinite pixels, or read them as ``"zero"``).
 
     Returns
     -------

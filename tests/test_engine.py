@@ -45,7 +45,7 @@ def rgb_model() -> torch.nn.Module:
 @given(
     height=st.integers(1, 70),
     width=st.integers(1, 70),
-    tile=st.integers(1, 64),
+    tile=st.integers(16, 64),
     mode=st.sampled_from(["advanced", "simple", "custom", "checkered", "strided+checkered"]),
     border=st.sampled_from(["reflect", "edge", "constant"]),
     chunk=st.integers(5, 40),
