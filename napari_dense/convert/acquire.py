@@ -1,0 +1,185 @@
+"""Graph acquisition: a private torch.fx graph of the model (fx, or a torch.export program)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch._ops import OpOverload
+from torch.export import ExportedProgram
+
+from ..errors import InputError, PatchSizeError, UnsupportedLayerError
+from ..geometry import Pair
+
+#: What densify/explain accept: a module (traced with torch.fx) or a torch.export program.
+Classifier = nn.Module | ExportedProgram
+
+
+@dataclass
+class _Graph:
+    """Step 1's result: a graph the caller does not own, and how it was made."""
+
+    module: fx.GraphModule
+    # The input shape a torch.export program was exported with (ints, or the names of dynamic
+    # dimensions); None for modules traced here.
+    exported_shape: tuple[int | str, ...] | None = None
+
+    @property
+    def example_batch(self) -> int:
+        """A batch size the graph accepts: exported programs may have a fixed one."""
+        batch = self.exported_shape[0] if self.exported_shape else 1
+        return batch if isinstance(batch, int) else 1
+
+
+def _infer_in_channels(module: nn.Module) -> int:
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.LazyConv2d) and not isinstance(
+            layer.weight, nn.parameter.UninitializedParameter
+        ):
+            return int(layer.in_channels)
+    raise UnsupportedLayerError(
+        f"cannot tell how many input channels {type(module).__name__} expects (no Conv2d found); "
+        "pass in_channels=..."
+    )
+
+
+def _graph_of(model: Classifier) -> _Graph:
+    """Step 1: the model's graph, on private copies of its parameters."""
+    if isinstance(model, ExportedModule):
+        model = model.exported_program
+    if isinstance(model, ExportedProgram) or _is_exported_module(model):
+        return _exported_graph(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "model must be a torch.nn.Module or a torch.export.ExportedProgram, got "
+            f"{type(model).__name__}"
+        )
+    # Never touch the caller's model: trace a copy, in eval mode (BatchNorm statistics, no dropout).
+    model = copy.deepcopy(model).eval()
+    try:
+        return _Graph(fx.symbolic_trace(model))
+    except Exception as err:
+        raise UnsupportedLayerError(
+            f"torch.fx cannot trace {type(model).__name__}: {err}. Hint: remove Python control "
+            "flow that depends on tensor values from forward(), or mark the offending submodule "
+            "as a leaf."
+        ) from err
+
+
+def _is_exported_module(model: object) -> bool:
+    """Whether ``model`` is ``ep.module()`` of a torch.export program (a graph of aten ops)."""
+    return isinstance(model, fx.GraphModule) and any(
+        isinstance(node.target, OpOverload) or _is_guard(node) for node in model.graph.nodes
+    )
+
+
+def _is_guard(node: fx.Node) -> bool:
+    """The shape guard that ``ep.module()`` calls on its input (checks the patch network only)."""
+    return node.op == "call_module" and str(node.target).startswith("_guards_fn")
+
+
+def _exported_graph(model: ExportedProgram | fx.GraphModule) -> _Graph:
+    if isinstance(model, ExportedProgram):
+        signature = model.graph_signature
+        if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+            raise UnsupportedLayerError(
+                "the exported program updates its buffers or inputs (BatchNorm statistics: it was "
+                "exported in training mode). Hint: export the model in eval mode, "
+                "torch.export.export(model.eval(), (example,))."
+            )
+        model = model.module()
+    # A new GraphModule over a copy of the graph (plain code generation, no pytree wrapping of
+    # the input) with private copies of the parameters, which ep.module() shares with the
+    # caller's program and often with the original model.
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(model.graph, {}))
+    module = fx.GraphModule(model, graph, class_name="ExportedClassifier")
+    for node in graph.nodes:  # called submodules (the guard) are shared, not copied: copy them
+        if node.op == "call_module":
+            parent, _, name = str(node.target).rpartition(".")
+            owner = module.get_submodule(parent) if parent else module
+            setattr(owner, name, copy.deepcopy(module.get_submodule(str(node.target))))
+    for submodule in module.modules():
+        for name, param in submodule._parameters.items():
+            if param is not None:
+                submodule._parameters[name] = nn.Parameter(
+                    param.detach().clone(), requires_grad=param.requires_grad
+                )
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None:
+                submodule._buffers[name] = buffer.detach().clone()
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and "val" in n.meta]
+    shape = None
+    if inputs and isinstance(inputs[0].meta["val"], torch.Tensor):
+        shape = tuple(d if isinstance(d, int) else str(d) for d in inputs[0].meta["val"].shape)
+    return _Graph(module, shape)
+
+
+class ExportedModule(nn.Module):
+    """A torch.export program as a module, callable on patch batches like the original classifier.
+
+    :func:`densify` and :func:`explain` convert its ``exported_program``. Calling it runs the
+    program's graph on private copies of the parameters. Unlike ``ep.module()``, ``train()`` and
+    ``eval()`` work (they only set the flag: the mode was fixed at export), and a program exported
+    with a fixed batch size takes any batch (split into batches of that size), so per-patch code
+    such as :func:`napari_dense.reference.patchwise` can use it.
+
+    Parameters
+    ----------
+    program
+        A program exported from a patch classifier (``torch.export.export`` or ``load``).
+    """
+
+    def __init__(self, program: ExportedProgram):
+        super().__init__()
+        if not isinstance(program, ExportedProgram):
+            raise TypeError(f"expected a torch.export.ExportedProgram, got {type(program)}")
+        graph = _exported_graph(program)
+        self.network = graph.module
+        self.exported_program = program
+        batch = graph.exported_shape[0] if graph.exported_shape else None
+        self.fixed_batch = batch if isinstance(batch, int) else None
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        self.training = mode  # the program's own mode was fixed when it was exported
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
+            if x.shape[0] % self.fixed_batch:
+                raise InputError(
+                    f"the program was exported for batches of {self.fixed_batch}, got "
+                    f"{x.shape[0]}; export it with a dynamic batch (torch.export.Dim)"
+                )
+            return torch.cat([self(chunk) for chunk in x.split(self.fixed_batch)])
+        out = self.network(x)
+        return out[0] if isinstance(out, tuple | list) and len(out) == 1 else out
+
+    def extra_repr(self) -> str:
+        return f"fixed_batch={self.fixed_batch}"
+
+
+def _check_exported_shape(graph: _Graph, patch: Pair, channels: int) -> None:
+    """A program exported with a static input shape accepts only that patch (its guard says so)."""
+    shape = graph.exported_shape
+    if shape is None or len(shape) != 4:
+        return
+    height, width = shape[2:]
+    if isinstance(height, int) and isinstance(width, int) and (height, width) != patch:
+        raise PatchSizeError(
+            f"the exported program was exported for a {height}x{width} patch (input shape "
+            f"{_format_shape(shape)}), not {patch[0]}x{patch[1]}: pass patch_size=({height}, "
+            f"{width}), or export with dynamic spatial dimensions (torch.export.Dim) to accept "
+            "other patch sizes"
+        )
+    if isinstance(shape[1], int) and shape[1] != channels:
+        raise PatchSizeError(
+            f"the exported program takes {shape[1]} channel(s) (input shape "
+            f"{_format_shape(shape)}), not {channels}: drop in_channels or pass {shape[1]}"
+        )
+
+
+def _format_shape(shape: tuple[int | str, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"

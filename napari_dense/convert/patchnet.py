@@ -1,0 +1,148 @@
+"""The patch network: every tensor's shape for one patch, the head check, accepted patch sizes."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import PatchSizeError
+from ..geometry import Pair, pair
+from .acquire import Classifier, _check_exported_shape, _Graph, _graph_of, _infer_in_channels
+from .optable import _ATEN_MULTI_OUTPUT
+
+
+@dataclass
+class _Traced:
+    module: fx.GraphModule
+    patch_size: Pair
+    in_channels: int
+    num_classes: int
+
+
+def _trace(
+    model: Classifier, patch_size: int | tuple[int, int], in_channels: int | None
+) -> _Traced:
+    patch = pair(patch_size, "patch_size")
+    if min(patch) < 1:
+        raise PatchSizeError(f"patch_size must be positive, got {patch_size!r}")
+    graph = _graph_of(model)
+    traced = graph.module
+    channels = in_channels if in_channels is not None else _graph_in_channels(graph)
+    _check_exported_shape(graph, patch, channels)
+    example = torch.zeros(graph.example_batch, channels, *patch)
+    try:
+        with torch.no_grad():
+            traced(example)  # first plainly: ShapeProp prints a traceback when the patch fails
+            ShapeProp(traced).propagate(example)
+    except Exception as err:
+        cause = _root_cause(err)
+        raise PatchSizeError(
+            f"the model does not accept a {patch[0]}x{patch[1]} patch with {channels} channel(s) "
+            f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}). "
+            f"{_accepted_patch_sizes_hint(graph, channels)}"
+        ) from err
+    result = _graph_output(traced.graph)
+    shape = _shape(result) if isinstance(result, fx.Node) else None
+    if shape is None or not (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))):
+        raise PatchSizeError(
+            f"the head must reduce the {patch[0]}x{patch[1]} patch to one vector of class scores "
+            f"(N, K) or (N, K, 1, 1), but the model returns {shape if shape else type(result)}. "
+            f"{_accepted_patch_sizes_hint(graph, channels)}"
+        )
+    return _Traced(traced, patch, channels, shape[1])
+
+
+def _graph_in_channels(graph: _Graph) -> int:
+    if graph.exported_shape is not None and len(graph.exported_shape) == 4:
+        if isinstance(graph.exported_shape[1], int):
+            return graph.exported_shape[1]
+    return _infer_in_channels(graph.module)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception (ShapeProp wraps the real error in a RuntimeError)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _graph_output(graph: fx.Graph) -> Any:
+    """What the graph returns; exported graphs return a one-element tuple."""
+    result = next(n for n in graph.nodes if n.op == "output").args[0]
+    if isinstance(result, tuple | list) and len(result) == 1:
+        return result[0]
+    return result
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    if node.op == "call_function" and node.target in _ATEN_MULTI_OUTPUT and meta:
+        meta = meta[0]  # (result, indices or statistics): the result is the tensor we densify
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _accepted_sizes(graph: _Graph, channels: int, largest: int) -> list[int]:
+    """Square patch sizes at which the head reduces the patch to one vector (on meta tensors)."""
+    try:
+        meta_model = copy.deepcopy(graph.module).to("meta")
+    except Exception:  # pragma: no cover - exotic modules that cannot move to meta
+        return []
+    accepted = []
+    for size in range(1, largest + 1):
+        try:
+            out = meta_model(torch.empty(graph.example_batch, channels, size, size, device="meta"))
+        except Exception:
+            continue
+        if isinstance(out, tuple | list) and len(out) == 1:
+            out = out[0]
+        if isinstance(out, torch.Tensor) and (out.ndim == 2 or tuple(out.shape[2:]) == (1, 1)):
+            accepted.append(size)
+    return accepted
+
+
+def _accepted_patch_sizes_hint(graph: _Graph, channels: int, largest: int = 160) -> str:
+    """Which square patch sizes the model accepts (tried cheaply on the meta device)."""
+    accepted = _accepted_sizes(graph, channels, largest)
+    if not accepted:
+        return f"No square patch size up to {largest} works: check the model's head."
+    return f"This model accepts square patches of size {_ranges(accepted)}."
+
+
+def accepted_patch_sizes(
+    model: Classifier, *, in_channels: int | None = None, largest: int = 160
+) -> list[int]:
+    """The square patch sizes ``model`` accepts: those its head reduces to one vector.
+
+    Parameters
+    ----------
+    model
+        A patch classifier, as for :func:`densify` (copied, never modified).
+    in_channels
+        Input channels, when the model has no ``Conv2d`` to read them from.
+    largest
+        Largest size tried.
+
+    Returns
+    -------
+    list[int]
+        Sizes ``P`` (ascending) for which ``model`` maps ``(1, C, P, P)`` to ``(1, K)`` or
+        ``(1, K, 1, 1)``. Pooling that drops odd rows makes several sizes work; a program
+        exported with a static input shape accepts only that one.
+    """
+    graph = _graph_of(model)
+    channels = in_channels if in_channels is not None else _graph_in_channels(graph)
+    return _accepted_sizes(graph, channels, largest)
+
+
+def _ranges(values: list[int]) -> str:
+    parts, start = [], values[0]
+    for prev, cur in zip(values, [*values[1:], None], strict=True):
+        if cur != prev + 1 if cur is not None else True:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur if cur is not None else start
+    return ", ".join(parts)
