@@ -3,15 +3,23 @@
 Formats
 -------
 ``.pt2`` (preferred)
-    A :func:`torch.export.save` program: weights and graph only, no pickled Python code runs when
-    it is loaded (:func:`torch.export.load`). Metadata is embedded as the extra file
-    ``napari_dense.json`` (:func:`save_classifier` writes it) and/or read from a sidecar
-    ``<model>.yaml`` (or ``.yml``) next to the model; the sidecar wins, field by field.
+    A :func:`torch.export.save` program: weights and graph only. Before torch reads it, the
+    archive is checked (:mod:`napari_dense._archive`): intact (CRC-32 of every entry), at most
+    2 GiB decompressed (``max_archive_bytes=`` or ``NAPARI_DENSE_MAX_MODEL_BYTES`` raise it), no
+    pickled weights, constants or objects, sample inputs of tensors only, graph targets that are
+    torch operators, symbolic shapes and guards that are plain expressions; torch then loads the
+    checked bytes with every ``torch.load`` forced to ``weights_only=True``. Loading a ``.pt2``
+    runs no code from the file, and a file named ``.pt2`` is never read as a pickle. Metadata
+    is embedded as the extra file ``napari_dense.json`` (:func:`save_classifier` writes it)
+    and/or read from a sidecar ``<model>.yaml`` (or ``.yml``) next to the model; the sidecar
+    wins, field by field.
 Python file + class + state dict
-    ``load_classifier("net.py", class_name="PatchNet", weights="net.pth")``, or a sidecar that
-    names ``python_file``, ``class_name`` and ``weights``. The Python file is *run* (it is code:
-    load only files you trust); the weights are read with ``torch.load(..., weights_only=True)``,
-    which unpickles tensors and containers only.
+    ``load_classifier("net.py", class_name="PatchNet", weights="net.pth", trust_code=True)``, or
+    a sidecar that names ``python_file``, ``class_name`` and ``weights``. The Python file is
+    *run*: without ``trust_code=True`` (CLI ``--trust-code``; in napari a confirmation dialog)
+    it is refused with :class:`CodeExecutionRefused`, wherever it lies (with the opt-in, also
+    outside the sidecar's folder: the opt-in names the file). The weights are read with
+    ``torch.load(..., weights_only=True)``, which unpickles tensors and containers only.
 A sidecar ``.yaml``
     May itself be given: it names the model file (``model_file`` or ``python_file``).
 
@@ -54,13 +62,16 @@ import copy
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
+import logging
 import math
 import os
 import pickle
 import sys
 import zipfile
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import ModuleType
@@ -70,13 +81,15 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
+from . import _archive
 from .convert import ExportedModule, SamplingSpec, accepted_patch_sizes, densify
 from .dense import DenseClassifier
 from .errors import NapariDenseError
-from .geometry import Pair, pair
+from .geometry import Pair
 
 __all__ = [
     "ACTIVATIONS",
+    "CodeExecutionRefused",
     "LoadedClassifier",
     "ModelFileError",
     "ModelMetadata",
@@ -104,6 +117,26 @@ _EXPORT_RECIPE = (
 
 class ModelFileError(NapariDenseError, ValueError):
     """A model file (or its metadata) cannot be loaded as given; the message names the fix."""
+
+
+class CodeExecutionRefused(ModelFileError):
+    """Loading needs to run a Python file, and ``trust_code=True`` was not given.
+
+    Nothing has run. A GUI asks the user (naming ``path`` and its folder) and loads again with
+    ``trust_code=True``.
+
+    Attributes
+    ----------
+    path
+        The Python file that would run (resolved).
+    sidecar
+        The sidecar that names it, if any.
+    """
+
+    def __init__(self, message: str, path: Path, sidecar: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.sidecar = sidecar
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,12 +232,9 @@ class ModelMetadata:
                 f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
             )
         if self.patch_size is not None:
-            patch = pair(self.patch_size, "patch_size")
-            if min(patch) < 1:
-                raise ModelFileError(f"patch_size must be positive, got {self.patch_size}")
-            object.__setattr__(self, "patch_size", patch)
-        if self.in_channels is not None and int(self.in_channels) < 1:
-            raise ModelFileError(f"in_channels must be positive, got {self.in_channels}")
+            object.__setattr__(self, "patch_size", _patch_pair(self.patch_size))
+        if self.in_channels is not None:
+            object.__setattr__(self, "in_channels", _channel_count(self.in_channels))
         if self.normalisation is not None:
             if not isinstance(self.normalisation, Mapping):
                 raise ModelFileError("normalisation must be a mapping {scale, mean, std}")
@@ -244,8 +274,6 @@ class ModelMetadata:
         if "activation" in values:
             values["activation"] = str(values["activation"]).lower()
         try:
-            if "in_channels" in values:
-                values["in_channels"] = int(values["in_channels"])
             return cls(**values)
         except ModelFileError as err:
             raise ModelFileError(f"{err} (in {source})") from err
@@ -257,6 +285,28 @@ class ModelMetadata:
         data = asdict(self)
         data["patch_size"] = list(self.patch_size) if self.patch_size else None
         return {k: v for k, v in data.items() if v not in (None, "", [])}
+
+
+def _patch_pair(value: Any) -> Pair:
+    """``patch_size`` as ``(Ph, Pw)``: one positive int, or a list of one or two."""
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if 1 <= len(items) <= 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items
+    ):
+        return (items[0], items[-1])
+    raise ModelFileError(
+        f"patch_size must be a positive whole number (square patches) or [height, width], got "
+        f"{value!r}"
+    )
+
+
+def _channel_count(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ModelFileError(
+        f"in_channels must be a positive whole number (the image channels the model reads), got "
+        f"{value!r}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +365,8 @@ def load_classifier(
     *,
     class_name: str | None = None,
     weights: str | os.PathLike[str] | None = None,
+    trust_code: bool = False,
+    max_archive_bytes: int | None = None,
 ) -> LoadedClassifier:
     """Load a patch classifier and its metadata from a file.
 
@@ -330,10 +382,17 @@ def load_classifier(
     weights
         For a Python file: its state dict (``torch.save(model.state_dict(), path)``); the
         sidecar's ``weights`` otherwise.
+    trust_code
+        Allow running the Python file that defines the classifier (named here or by a
+        sidecar's ``python_file``). Without it such a model is refused with
+        :class:`CodeExecutionRefused` before anything runs.
+    max_archive_bytes
+        Largest decompressed size of a ``.pt2`` (default 2 GiB, or the environment variable
+        ``NAPARI_DENSE_MAX_MODEL_BYTES``).
 
-    A Python file, named here or by a sidecar's ``python_file``, is run: load only code you
-    trust. Nothing else runs code: ``.pt2`` files go through :func:`torch.export.load` and
-    weights through ``torch.load(..., weights_only=True)``.
+    Nothing but an opted-in Python file runs code: ``.pt2`` archives are checked before
+    :func:`torch.export.load` reads them (see the module docstring), weights are read with
+    ``torch.load(..., weights_only=True)``.
 
     Returns
     -------
@@ -341,9 +400,12 @@ def load_classifier(
 
     Raises
     ------
+    CodeExecutionRefused
+        A Python file would run and ``trust_code`` is False (its ``path`` names the file).
     ModelFileError
         With one line naming the fix: missing file, unsupported format (TorchScript, pickled
-        modules: with the torch.export recipe), class not found, weights that do not fit.
+        modules: with the torch.export recipe), an archive that is damaged, too large or holds
+        pickles or code, class not found, weights that do not fit.
     """
     path = Path(path)
     if not path.is_file():
@@ -358,15 +420,24 @@ def load_classifier(
         data = _read_yaml(sidecar) if sidecar else {}
         model_path = path
     kind = _archive_kind(model_path)
-    # A Python file, or the weights of the class a sidecar names.
-    if model_path.suffix.lower() == ".py" or (data.get("python_file") and kind == "pickle"):
-        return _load_python(model_path, data, sidecar, class_name, weights)
+    model_suffix = model_path.suffix.lower()
+    # A Python file, or the weights of the class a sidecar names (never a file named .pt2).
+    if model_suffix == ".py" or (
+        data.get("python_file") and kind == "pickle" and model_suffix != ".pt2"
+    ):
+        return _load_python(model_path, data, sidecar, class_name, weights, trust_code)
     if class_name is not None or weights is not None:
         raise ModelFileError(
             f"class_name= and weights= are for Python files; {model_path.name} is not one"
         )
-    if kind == "export" or (kind is None and model_path.suffix.lower() == ".pt2"):
-        return _load_exported(model_path, data, sidecar)
+    if model_suffix == ".pt2" and kind == "pickle":
+        raise ModelFileError(
+            f"{model_path.name} is named .pt2 but is a torch.save pickle (a state dict or a "
+            "pickled module), not a torch.export program; napari-dense does not unpickle it: "
+            + _EXPORT_RECIPE
+        )
+    if kind == "export" or (kind is None and model_suffix == ".pt2"):
+        return _load_exported(model_path, data, sidecar, max_archive_bytes)
     if kind == "torchscript":
         raise ModelFileError(
             f"{model_path.name} is a TorchScript archive, which napari-dense cannot convert; "
@@ -380,10 +451,18 @@ def load_classifier(
     )
 
 
-def _load_exported(path: Path, data: Mapping[str, Any], sidecar: Path | None) -> LoadedClassifier:
+def _load_exported(
+    path: Path, data: Mapping[str, Any], sidecar: Path | None, max_bytes: int | None
+) -> LoadedClassifier:
+    try:
+        checked = _archive.check_export_archive(path, max_bytes)
+    except _archive.ArchiveProblem as err:
+        raise ModelFileError(f"{path.name} is refused: {err}") from err
     extra = {METADATA_ENTRY: ""}
     try:
-        program = torch.export.load(path, extra_files=extra)
+        # The checked bytes, not the file again (it may have changed since).
+        with _archive.weights_only_loads(), _quiet_torch_logs():
+            program = torch.export.load(io.BytesIO(checked.data), extra_files=extra)
     except Exception as err:
         raise ModelFileError(
             f"torch.export.load cannot read {path.name} ({type(err).__name__}: "
@@ -400,11 +479,75 @@ def _load_exported(path: Path, data: Mapping[str, Any], sidecar: Path | None) ->
             ) from err
         if not isinstance(embedded, dict):
             raise ModelFileError(f"the metadata embedded in {path.name} is not a JSON object")
+    _check_program_targets(program, path)
     merged = {**embedded, **{k: v for k, v in data.items() if k not in _FILE_FIELDS}}
     source = f"{path.name}" + (f" + {sidecar.name}" if sidecar else "")
-    metadata = _complete(program, ModelMetadata.from_dict(merged, source), source)
+    metadata = _complete(program, *_metadata_of(merged, source), source)
     module = ExportedModule(program)
-    return LoadedClassifier(module, metadata, path.resolve(), _sha256(path), sidecar)
+    digest = hashlib.sha256(checked.data).hexdigest()
+    return LoadedClassifier(module, metadata, path.resolve(), digest, sidecar)
+
+
+@contextmanager
+def _quiet_torch_logs() -> Any:
+    """torch.export logs tracebacks while it tries other formats; the error says it in a line."""
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _check_program_targets(program: ExportedProgram, path: Path) -> None:
+    """After loading: every node calls a torch operator or an allowed arithmetic function."""
+    allowed = _allowed_functions()
+    for module in program.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            target = node.target
+            if node.op in ("call_method", "call_module") or (
+                node.op == "call_function"
+                and not isinstance(target, torch._ops.OpOverload | torch._ops.HigherOrderOperator)
+                and not any(target is function for function in allowed)
+            ):
+                raise ModelFileError(
+                    f"{path.name} is refused: its graph calls {target!r} ({node.op}), which is "
+                    f"not a torch operator; {_archive.REEXPORT}"
+                )
+
+
+def _allowed_functions() -> list[Any]:
+    import operator
+
+    functions = []
+    for name in _archive.SAFE_FUNCTION_TARGETS:
+        module_name, attribute = name.rsplit(".", 1)
+        module = {"_operator": operator, "math": math, "torch": torch}[module_name]
+        if hasattr(module, attribute):
+            functions.append(getattr(module, attribute))
+    return functions
+
+
+def _metadata_of(fields_: Mapping[str, Any], source: str) -> tuple[ModelMetadata, int | None]:
+    """Metadata without ``in_channels``, and the declared ``in_channels``.
+
+    ``in_channels`` is checked against the model before the normalisation is checked against
+    ``in_channels``: a wrong channel count is reported as such.
+    """
+    declared = fields_.get("in_channels")
+    if declared is not None:
+        try:
+            declared = _channel_count(declared)
+        except ModelFileError as err:
+            raise ModelFileError(f"{err} (in {source})") from err
+    metadata = ModelMetadata.from_dict(
+        {k: v for k, v in fields_.items() if k != "in_channels"}, source
+    )
+    return metadata, declared
 
 
 def _load_python(
@@ -413,6 +556,7 @@ def _load_python(
     sidecar: Path | None,
     class_name: str | None,
     weights: str | os.PathLike[str] | None,
+    trust_code: bool,
 ) -> LoadedClassifier:
     base = sidecar.parent if sidecar else path.parent
     if path.suffix.lower() == ".py":
@@ -437,15 +581,39 @@ def _load_python(
     for file in (python_file, weights_file):
         if not file.is_file():
             raise ModelFileError(f"model file not found: {file}")
+    if weights_file.suffix.lower() == ".pt2":
+        raise ModelFileError(
+            f"weights {weights_file.name} is named .pt2 (a torch.export program, never read as a "
+            "state dict): give the .pt2 as the model, or weights saved with "
+            "torch.save(model.state_dict(), 'weights.pth')"
+        )
+    if not trust_code:
+        raise _code_refusal(python_file, sidecar)
     module = _construct(python_file, str(class_name), data.get("init_args"))
     state = _read_state_dict(weights_file)
     _load_state_dict(module, state, weights_file, str(class_name))
     module.eval()
     source = sidecar.name if sidecar else python_file.name
     metadata_fields = {k: v for k, v in data.items() if k not in _FILE_FIELDS}
-    metadata = _complete(module, ModelMetadata.from_dict(metadata_fields, source), source)
+    metadata = _complete(module, *_metadata_of(metadata_fields, source), source)
     return LoadedClassifier(
         module, metadata, weights_file.resolve(), _sha256(weights_file), sidecar
+    )
+
+
+def _code_refusal(python_file: Path, sidecar: Path | None) -> CodeExecutionRefused:
+    resolved = python_file.resolve()
+    where = f"in {resolved.parent}"
+    if sidecar is not None:
+        where += f", named by {sidecar.name}"
+        if not resolved.is_relative_to(sidecar.resolve().parent):
+            where += " from outside the sidecar's folder"
+    return CodeExecutionRefused(
+        f"{python_file.name} ({where}) is Python code that would run to build the model; "
+        "napari-dense runs it only if you trust it: pass trust_code=True to load_classifier "
+        "(CLI: --trust-code), or use a .pt2 (torch.export), which runs no code",
+        resolved,
+        sidecar,
     )
 
 
@@ -611,6 +779,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelFileError(
+            f"{path.name} is not a text YAML file (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start} is not UTF-8): give the model's sidecar, a text file of fields (see "
+            "the schema in the README)"
+        ) from err
     except yaml.YAMLError as err:
         problem = " ".join(str(err).split())  # PyYAML's message spans lines
         raise ModelFileError(f"{path.name} is not valid YAML: {problem}") from err
@@ -669,15 +843,17 @@ def _exported_input_shape(program: ExportedProgram) -> tuple[int | None, ...] | 
 def _complete(
     model: nn.Module | ExportedProgram,
     metadata: ModelMetadata,
+    declared_channels: int | None,
     source: str,
     where: str = "in the sidecar yaml",
 ) -> ModelMetadata:
-    """Fill in ``in_channels`` and ``patch_size``; check them against an exported shape.
+    """Fill in ``in_channels`` and ``patch_size``; check them against the model.
 
-    ``where`` tells the user where missing fields go.
+    ``declared_channels`` is the ``in_channels`` the metadata gives (checked here, before the
+    normalisation is checked against it); ``where`` tells the user where missing fields go.
     """
     shape = _exported_input_shape(model) if isinstance(model, ExportedProgram) else None
-    channels = metadata.in_channels
+    channels = declared_channels
     if shape is not None and len(shape) == 4 and shape[1] is not None:
         if channels is not None and channels != shape[1]:
             raise ModelFileError(
@@ -685,8 +861,13 @@ def _complete(
                 f"{shape[1]} channel(s); fix in_channels"
             )
         channels = shape[1]
-    if channels is None:
-        channels = _first_conv_channels(model)
+    first_conv = _first_conv_channels(model)
+    if channels is not None and first_conv is not None and channels != first_conv:
+        raise ModelFileError(
+            f"{source}: in_channels is {channels} but the model's first Conv2d takes "
+            f"{first_conv} channel(s); fix in_channels"
+        )
+    channels = channels or first_conv
     if channels is None:
         raise ModelFileError(
             f"{source}: cannot tell the input channels (no Conv2d); set in_channels {where}"
@@ -709,7 +890,10 @@ def _complete(
             f"{source}: {len(metadata.class_names)} class_names for a model with {classes} "
             "outputs; give one name per output"
         )
-    return replace(metadata, in_channels=channels, patch_size=patch)
+    try:
+        return replace(metadata, in_channels=channels, patch_size=patch)
+    except ModelFileError as err:  # the normalisation does not fit the channels
+        raise ModelFileError(f"{err} (in {source})") from err
 
 
 def _num_classes(
@@ -839,7 +1023,13 @@ def save_classifier(
     if isinstance(module, ExportedModule):  # a loaded .pt2: save its program again
         module = module.exported_program
     model = module if isinstance(module, ExportedProgram) else copy.deepcopy(module).eval()
-    metadata = _complete(model, metadata, path.name, "in metadata= (or pass example_input=)")
+    metadata = _complete(
+        model,
+        replace(metadata, in_channels=None),
+        metadata.in_channels,
+        path.name,
+        "in metadata= (or pass example_input=)",
+    )
     if isinstance(model, ExportedProgram):
         program = model
     else:

@@ -137,9 +137,9 @@ def test_python_file_class_and_weights(tmp_path: Path) -> None:
     net = _write_net(tmp_path)
     # fdfe15's pooling drops odd rows: 14-17 all work, so the patch size must be given.
     with pytest.raises(ModelFileError, match=r"several patch sizes \(14, 15, 16, 17\)"):
-        load_classifier(net, class_name="PatchNet", weights=weights)
+        load_classifier(net, class_name="PatchNet", weights=weights, trust_code=True)
     (tmp_path / "net.yaml").write_text("patch_size: 15\nclass_names: [a, b, c]\n", "utf-8")
-    loaded = load_classifier(net, class_name="PatchNet", weights=weights)
+    loaded = load_classifier(net, class_name="PatchNet", weights=weights, trust_code=True)
     assert isinstance(loaded.module, nn.Module) and not loaded.module.training
     assert loaded.metadata.patch_size == (15, 15) and loaded.metadata.in_channels == 1
     assert loaded.path == weights.resolve()
@@ -160,7 +160,9 @@ def test_yaml_naming_the_python_file_class_and_weights(tmp_path: Path) -> None:
         "weights: ckpt.pth\npatch_size: [15, 15]\nname: from yaml\n",
         encoding="utf-8",
     )
-    loaded = load_classifier(sidecar)  # relative paths are resolved next to the yaml
+    loaded = load_classifier(
+        sidecar, trust_code=True
+    )  # relative paths are resolved next to the yaml
     assert loaded.metadata.name == "from yaml" and loaded.sidecar == sidecar
     x = torch.rand(1, 1, 15, 15)
     torch.testing.assert_close(loaded.module(x), reference(x))
@@ -168,13 +170,17 @@ def test_yaml_naming_the_python_file_class_and_weights(tmp_path: Path) -> None:
     (tmp_path / "ckpt.yaml").write_text(
         "python_file: code/net.py\nclass_name: PatchNet\ninit_args: [4]\npatch_size: 15\n", "utf-8"
     )
-    torch.testing.assert_close(load_classifier(tmp_path / "ckpt.pth").module(x), reference(x))
+    torch.testing.assert_close(
+        load_classifier(tmp_path / "ckpt.pth", trust_code=True).module(x), reference(x)
+    )
 
 
 def test_channels_and_patch_size_are_inferred(tmp_path: Path) -> None:
     net = _write_net(tmp_path)
     torch.manual_seed(0)
-    tiny = load_classifier(net, class_name="TinyNet", weights=_tiny_weights(tmp_path))
+    tiny = load_classifier(
+        net, class_name="TinyNet", weights=_tiny_weights(tmp_path), trust_code=True
+    )
     assert tiny.metadata.patch_size == (6, 6) and tiny.metadata.in_channels == 2
     assert tiny.metadata.activation == "none" and tiny.metadata.normalisation is None
     # From the shape a program was exported with (rectangular here).
@@ -222,11 +228,13 @@ def test_missing_files_and_bad_names_say_what_to_fix(tmp_path: Path) -> None:
     net = _write_net(tmp_path)
     weights = _tiny_weights(tmp_path)
     with pytest.raises(ModelFileError, match=r"no class 'Nope'.*classes there: PatchNet, TinyNet$"):
-        load_classifier(net, class_name="Nope", weights=weights)
+        load_classifier(net, class_name="Nope", weights=weights, trust_code=True)
     with pytest.raises(ModelFileError, match="pass class_name="):
-        load_classifier(net, weights=weights)
+        load_classifier(net, weights=weights, trust_code=True)
     with pytest.raises(ModelFileError, match=r"model file not found: .*missing\.pth"):
-        load_classifier(net, class_name="TinyNet", weights=tmp_path / "missing.pth")
+        load_classifier(
+            net, class_name="TinyNet", weights=tmp_path / "missing.pth", trust_code=True
+        )
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(ModelFileError, match=r"give a \.pt2"):
         load_classifier(tmp_path / "notes.txt")
@@ -236,7 +244,7 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path: Path) -> None:
     net = _write_net(tmp_path)
     torch.save(fdfe15(num_classes=7).state_dict(), tmp_path / "seven.pth")
     with pytest.raises(ModelFileError, match=r"shape mismatch .*8\.weight \(7, 128, 1, 1\) vs"):
-        load_classifier(net, class_name="PatchNet", weights=tmp_path / "seven.pth")
+        load_classifier(net, class_name="PatchNet", weights=tmp_path / "seven.pth", trust_code=True)
     state = fdfe15(num_classes=3).state_dict()
     del state["0.bias"]
     state["extra.weight"] = torch.zeros(1)
@@ -244,7 +252,9 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path: Path) -> None:
     with pytest.raises(
         ModelFileError, match=r"missing keys 0\.bias; unexpected keys extra\.weight"
     ):
-        load_classifier(net, class_name="PatchNet", weights=tmp_path / "partial.pth")
+        load_classifier(
+            net, class_name="PatchNet", weights=tmp_path / "partial.pth", trust_code=True
+        )
 
 
 def test_bad_metadata_is_refused_with_the_field(tmp_path: Path) -> None:
