@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,12 @@ def _builtin_net(name: str) -> tuple[torch.nn.Module, int, int] | None:
     return factory().eval(), patch, channels
 
 
-def _load_model(name: str) -> tuple[Any, Any, int]:
-    """A built-in benchmark net (random weights) or a model file; (model, patch, channels)."""
+def _load_model(name: str, trust_code: bool = False) -> tuple[Any, Any, int]:
+    """A built-in benchmark net (random weights) or a model file; (model, patch, channels).
+
+    ``trust_code`` (``--trust-code``) allows a model file that runs Python code (a sidecar's
+    ``python_file``); without it such a file is refused before anything runs.
+    """
     builtin = _builtin_net(name)
     if builtin is not None:
         return builtin
@@ -44,7 +50,7 @@ def _load_model(name: str) -> tuple[Any, Any, int]:
         )
     from .model_files import load_classifier
 
-    loaded = load_classifier(name)
+    loaded = load_classifier(name, trust_code=trust_code)
     return loaded, loaded.metadata.patch_size, int(loaded.metadata.in_channels or 0)
 
 
@@ -65,7 +71,7 @@ def _plan_of(model: Any, patch: Any, sampling: Any) -> Any:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
-    model, patch, _ = _load_model(args.model)
+    model, patch, _ = _load_model(args.model, args.trust_code)
     plan = _plan_of(model, args.patch or patch, _parse_sampling(args.sampling))
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.to_markdown())
 
@@ -75,7 +81,11 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     from .to_zarr import predict_to_zarr
 
-    model, patch, _ = _load_model(args.model)
+    if args.scheduler:
+        from .distributed import check_scheduler
+
+        check_scheduler(args.scheduler)  # before a store is created or a cluster started
+    model, patch, _ = _load_model(args.model, args.trust_code)
     bar: Any = None  # made at the first tile, so that early errors print one line only
     megapixels = 0.0
     seconds = 0.0
@@ -108,6 +118,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             pyramid_levels=args.pyramid,
             scheduler=args.scheduler,
             compile=args.compile,
+            non_finite=args.non_finite,
             on_tile=progress,
         )
     except KeyboardInterrupt:
@@ -134,12 +145,18 @@ def _read_region(image: str, channels: int, region: str | None, channel_axis: in
         )
     plane = source.array
     if region:
+        height, width = source.plane_shape
         try:
             (y0, y1), (x0, x1) = (
                 tuple(int(v) for v in part.split(":")) for part in region.split(",")
             )
         except ValueError:
             raise NapariDenseError(f"--region must look like y0:y1,x0:x1, got {region!r}") from None
+        if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+            raise NapariDenseError(
+                f"--region {region} is empty or outside the image ({height}x{width}); give "
+                "0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width"
+            )
         plane = plane[:, y0:y1, x0:x1]
     return np.asarray(plane.compute(), dtype=np.float32)
 
@@ -147,11 +164,18 @@ def _read_region(image: str, channels: int, region: str | None, channel_axis: in
 def _cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare_modes
 
-    model, patch, channels = _load_model(args.model)
+    model, patch, channels = _load_model(args.model, args.trust_code)
     image = _read_region(args.image, channels, args.region, args.channel_axis)
     module = getattr(model, "module", model)
+    metadata = getattr(model, "metadata", None)
     comparison = compare_modes(
-        image, module, args.patch or patch, channel_axis=0, device=args.device
+        image,
+        module,
+        args.patch or patch,
+        channel_axis=0,
+        device=args.device,
+        normalisation=metadata.normalisation if metadata is not None else None,
+        non_finite=args.non_finite,
     )
     print(comparison.to_markdown())
 
@@ -167,7 +191,11 @@ def _cmd_frontier(args: argparse.Namespace) -> None:
     # Refused before measuring anything: the measurements are what takes time.
     if plot.exists() and not args.overwrite:
         raise NapariDenseError(f"{plot} exists; pass --overwrite to replace it, or another --plot")
-    model, patch, channels = _load_model(args.model)
+    if not plot.parent.is_dir():
+        raise NapariDenseError(
+            f"the folder of --plot {plot} does not exist; create it first or choose another --plot"
+        )
+    model, patch, channels = _load_model(args.model, args.trust_code)
     image = _read_region(args.image, channels, args.region, args.channel_axis)
     metadata = getattr(model, "metadata", None)
     # Model files say how their outputs become probabilities; built-in nets output scores.
@@ -192,6 +220,7 @@ def _cmd_frontier(args: argparse.Namespace) -> None:
             repeats=args.repeats,
             max_exhaustive=args.max_exhaustive,
             progress=progress,
+            non_finite=args.non_finite,
         )
     finally:
         bar.close()
@@ -222,6 +251,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_headless(Path(args.output), overwrite=args.overwrite, device=args.device)
 
 
+def _add_non_finite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--non-finite",
+        default="refuse",
+        choices=["refuse", "zero"],
+        help="NaN/infinite pixels: refuse them (default) or read them as 0",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (documented in README)."""
     parser = argparse.ArgumentParser(
@@ -231,9 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = "model file (.pt2, sidecar .yaml) or built-in network 15x15 | 32x32 | 64x64"
+    trust_help = (
+        "allow a model whose sidecar names a python_file: that Python file runs (only for "
+        "files you trust; a .pt2 runs no code)"
+    )
 
     explain = commands.add_parser("explain", help="the striding layers of a model and costs")
     explain.add_argument("model", help=model_help)
+    explain.add_argument("--trust-code", action="store_true", help=trust_help)
     explain.add_argument("--patch", type=int, help="patch size (default: the model's)")
     explain.add_argument(
         "--sampling",
@@ -245,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="predict an image into an OME-Zarr map")
     predict.add_argument("model", help=model_help)
+    predict.add_argument("--trust-code", action="store_true", help=trust_help)
     predict.add_argument("image", help="image: .zarr / OME-Zarr / .tif / .npy / .png ...")
     predict.add_argument("-o", "--output", required=True, help="output .zarr directory")
     predict.add_argument(
@@ -277,15 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the network (slow first tile, faster after)",
     )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_non_finite(predict)
     predict.set_defaults(run=_cmd_predict)
 
     compare = commands.add_parser("compare", help="simple vs shift-and-stitch vs advanced")
     compare.add_argument("model", help=model_help)
+    compare.add_argument("--trust-code", action="store_true", help=trust_help)
     compare.add_argument("image", help="image file")
     compare.add_argument("--region", help="y0:y1,x0:x1 (default: the whole image)")
     compare.add_argument("--patch", type=int, help="patch size (default: the model's)")
     compare.add_argument("--channel-axis", type=int, help="channel axis of the image")
     compare.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    _add_non_finite(compare)
     compare.set_defaults(run=_cmd_compare)
 
     front = commands.add_parser(
@@ -293,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="time vs error of per-layer samplings; the fastest within an error budget",
     )
     front.add_argument("model", help=model_help)
+    front.add_argument("--trust-code", action="store_true", help=trust_help)
     front.add_argument("image", help="image file")
     front.add_argument("--region", help="y0:y1,x0:x1 (default: the whole image)")
     front.add_argument(
@@ -320,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     front.add_argument("--channel-axis", type=int, help="channel axis of the image")
     front.add_argument("--overwrite", action="store_true", help="replace an existing plot")
     front.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_non_finite(front)
     front.set_defaults(run=_cmd_frontier)
 
     demo = commands.add_parser(
@@ -333,21 +382,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    print(f"napari-dense: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except KeyboardInterrupt:
-        print("napari-dense: interrupted", file=sys.stderr)
-        return 130
-    except (NapariDenseError, ValueError, OSError) as err:
-        if args.debug:
-            raise
-        message = " ".join(str(err).split())
-        print(f"napari-dense: error: {message}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        if not args.debug:
+            # Ours as one line each; the libraries' own (deprecations inside torch, dask) hidden.
+            warnings.showwarning = _show_warning
+            warnings.filterwarnings("ignore", module=r"(torch|dask|distributed|zarr)(\.|$)")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        try:
+            args.run(args)
+        except KeyboardInterrupt:
+            print("napari-dense: interrupted", file=sys.stderr)
+            return 130
+        except (NapariDenseError, ValueError, OSError) as err:
+            if args.debug:
+                raise
+            print(f"napari-dense: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except Exception as err:  # a bug or a library failure: still one line
+            if args.debug:
+                raise
+            print(
+                f"napari-dense: error: unexpected {type(err).__name__}: {_one_line(err)[:300]}; "
+                "rerun with --debug for the traceback and report it",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 

@@ -15,14 +15,32 @@ from .engine import TiledPredictor, TileResult
 from .errors import InputError
 from .store import ProbabilityStore
 
-__all__ = ["connect", "run_distributed"]
+__all__ = ["check_scheduler", "connect", "run_distributed"]
 
 #: Tiles per task: enough to amortise task overhead, few enough to balance the workers.
 TILES_PER_TASK = 4
 
 
+def check_scheduler(scheduler: str) -> str:
+    """Return ``scheduler`` if it is ``"local:N"`` (N >= 1) or an address; raise otherwise."""
+    if scheduler.startswith("local:"):
+        count = scheduler.split(":", 1)[1] or "1"
+        if not count.isdigit() or int(count) < 1:
+            raise InputError(
+                f"--scheduler {scheduler!r}: local:N needs a whole number N >= 1 of worker "
+                "processes, e.g. local:4"
+            )
+    elif "://" not in scheduler and ":" not in scheduler:
+        raise InputError(
+            f"--scheduler {scheduler!r} is neither local:N nor a scheduler address "
+            "(tcp://host:8786)"
+        )
+    return scheduler
+
+
 def connect(scheduler: str) -> Any:
     """A ``distributed.Client`` for ``"local:N"`` (N local worker processes) or an address."""
+    check_scheduler(scheduler)
     try:
         from distributed import Client, LocalCluster
     except ImportError as err:  # pragma: no cover - distributed is a dependency

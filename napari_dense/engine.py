@@ -113,17 +113,20 @@ def resolve_classifier(
     normalisation: Mapping[str, Any] | None = None,
     activation: str | None = None,
     class_names: Iterable[str] | None = None,
+    trust_code: bool = False,
 ) -> ClassifierSetup:
     """Turn what the user gave (module, dense classifier, loaded file, path) into a setup.
 
     Metadata of a loaded model file (``napari_dense.model_files.load_classifier``) provides the
-    patch size, normalisation, activation and class names unless given here.
+    patch size, normalisation, activation and class names unless given here. A path is loaded
+    with ``load_classifier(path, trust_code=trust_code)``: a model that runs a Python file is
+    refused unless ``trust_code`` is True.
     """
     provenance: dict[str, Any] = {}
     if isinstance(model, str | os.PathLike):
         from .model_files import load_classifier
 
-        model = load_classifier(model)
+        model = load_classifier(model, trust_code=trust_code)
     metadata = getattr(model, "metadata", None)
     if metadata is not None:  # a LoadedClassifier
         provenance = {"model_path": str(model.path), "model_sha256": model.sha256}
@@ -419,13 +422,21 @@ def _unreadable(
     c0, c1 = int(valid_cols.min()), int(valid_cols.max()) + 1
     block = source.array[(*leading, slice(None), slice(r0, r1), slice(c0, c1))]
     where = f"rows {r0}:{r1}, columns {c0}:{c1}"
+    bounds = [np.cumsum((0, *axis)) for axis in source.array.chunks[-2:]]
     for index in np.ndindex(*block.numblocks):
         try:
             block.blocks[index].compute(scheduler="synchronous")
         except Exception:
-            y0 = r0 + sum(block.chunks[-2][: index[-2]])
-            x0 = c0 + sum(block.chunks[-1][: index[-1]])
-            y1, x1 = y0 + block.chunks[-2][index[-2]], x0 + block.chunks[-1][index[-1]]
+            # The stored chunk that holds the failing block's first pixel.
+            first = (
+                r0 + sum(block.chunks[-2][: index[-2]]),
+                c0 + sum(block.chunks[-1][: index[-1]]),
+            )
+            (y0, y1), (x0, x1) = (
+                (int(b[i]), int(b[i + 1]))
+                for b, i in ((b, int(np.searchsorted(b, f, "right")) - 1)
+                             for b, f in zip(bounds, first, strict=True))
+            )  # fmt: skip
             where = f"the chunk at rows {y0}:{y1}, columns {x0}:{x1}"
             break
     reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
