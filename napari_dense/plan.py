@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from .geometry import Pair
 
-__all__ = ["SAMPLINGS", "DensePlan", "SamplingCost", "StridingLayer"]
+__all__ = ["SAMPLINGS", "DensePlan", "SamplingCost", "StridingLayer", "Verification"]
 
 Sampling = Literal["all", "checkered", "none"]
 #: Every per-layer sampling, cheapest first.
@@ -84,6 +84,51 @@ class StridingLayer:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """The self-check of a conversion: the dense network against the model on random patches.
+
+    Attributes
+    ----------
+    max_abs_diff
+        Largest ``|dense - model|`` over every output value compared.
+    tolerance
+        Largest deviation an exact network may show (``1e-4 × max(1, scale)``).
+    scale
+        Largest ``|model output|`` seen (float32 rounding grows with it).
+    positions
+        Patch positions compared, over the whole batch.
+    batch
+        Images in the random input batch.
+    input_size
+        ``(H, W)`` of each random image: it covers every phase of every striding layer.
+    phases_covered
+        Whether the positions include every phase of every striding layer.
+    """
+
+    max_abs_diff: float
+    tolerance: float
+    scale: float
+    positions: int
+    batch: int
+    input_size: Pair
+    phases_covered: bool = True
+
+    @property
+    def passed(self) -> bool:
+        """Whether the dense network matched the model within :attr:`tolerance`."""
+        return self.max_abs_diff <= self.tolerance
+
+    def summary(self) -> str:
+        """One line: ``max |Δ| 2.4e-07 over 24 patch positions (2 images 17x17, ...)``."""
+        return (
+            f"max |Δ| {self.max_abs_diff:.2g} vs the model over {self.positions} patch positions "
+            f"({self.batch} random {_fmt_pair(self.input_size)} images"
+            f"{', every phase of every striding layer' if self.phases_covered else ''}; "
+            f"tolerance {self.tolerance:.2g})"
+        )
+
+
+@dataclass(frozen=True)
 class DensePlan:
     """What a dense network computes and what it costs (the result of :func:`napari_dense.explain`).
 
@@ -116,6 +161,9 @@ class DensePlan:
         With checkered layers: which points of the output grid hold computed samples, a
         ``P × P`` pattern repeated over the grid (``pattern[0][0]`` is always True). None when
         every grid point is computed.
+    verified
+        The self-check :func:`napari_dense.densify` ran (:class:`Verification`: max |Δ| and the
+        positions checked); None when it was skipped (``verify=False``).
     """
 
     patch_size: Pair
@@ -131,6 +179,7 @@ class DensePlan:
     inexact_reasons: tuple[str, ...] = field(default=())
     density: float = 1.0
     sample_pattern: tuple[tuple[bool, ...], ...] | None = None
+    verified: Verification | None = None
 
     @property
     def period(self) -> Pair:
@@ -185,6 +234,11 @@ class DensePlan:
             f"(naive {_fmt_count(self.macs_per_patch)}/px, {self.speedup_over_naive:.0f}x less); "
             f"~{self.bytes_per_megapixel / 1e6:.0f} MB/Mpx; "
             f"{'exact' if self.exact else 'NOT exact: ' + '; '.join(self.inexact_reasons)}"
+        )
+        lines.append("")
+        lines.append(
+            "self-check: "
+            + (self.verified.summary() if self.verified else "not run (verify=False)")
         )
         return "\n".join(lines)
 

@@ -30,9 +30,11 @@ from .acquire import Classifier, ExportedModule
 from .api import densify, explain
 from .patchnet import accepted_patch_sizes
 from .state import SamplingSpec
+from .verify import ConversionError
 
 __all__ = [
     "Classifier",
+    "ConversionError",
     "DenseClassifier",
     "DensePlan",
     "ExportedModule",

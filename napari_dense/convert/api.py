@@ -10,6 +10,7 @@ from .acquire import Classifier
 from .costs import _build, _plan_with_costs
 from .patchnet import _trace
 from .state import SamplingSpec
+from .verify import certified
 
 
 def explain(
@@ -18,13 +19,14 @@ def explain(
     *,
     sampling: SamplingSpec = "all",
     in_channels: int | None = None,
+    verify: bool = True,
 ) -> DensePlan:
     """Describe the dense network of ``model`` before building it.
 
     Parameters
     ----------
-    model, patch_size, sampling, in_channels
-        As in :func:`densify`.
+    model, patch_size, sampling, in_channels, verify
+        As in :func:`densify` (``plan.verified`` holds the self-check; ``str(plan)`` shows it).
 
     Returns
     -------
@@ -33,8 +35,11 @@ def explain(
         adds; totals for the whole network. ``str(plan)`` is a markdown table.
     """
     traced = _trace(model, patch_size, in_channels)
-    _, plan = _build(traced, sampling)
-    return _plan_with_costs(traced, plan)
+    network, plan, builder = _build(traced, sampling)
+    plan = _plan_with_costs(traced, plan)
+    if verify:
+        plan = certified(model, traced, DenseClassifier(network, plan), builder).plan
+    return plan
 
 
 def densify(
@@ -44,6 +49,7 @@ def densify(
     sampling: SamplingSpec = "all",
     phases: str = "dilated",
     in_channels: int | None = None,
+    verify: bool = True,
 ) -> DenseClassifier:
     """Convert a patch classifier into a network that evaluates it at every pixel in one pass.
 
@@ -72,7 +78,11 @@ def densify(
         may stay strided after a densified one, none may be checkered). See README
         "Performance" for measurements.
     in_channels
-        Input channels, when the model has no ``Conv2d`` to read them from.
+        Input channels, when they cannot be read from the model (its input or first ``Conv2d``).
+    verify
+        Certify the result (default): run the dense network and ``model`` itself on a random
+        batch whose patch positions cover every phase of every striding layer and compare them;
+        ``plan.verified`` records max |Δ| and the positions checked. ``False`` skips it.
 
     Returns
     -------
@@ -82,20 +92,30 @@ def densify(
         ``(sy, sx) = output_stride``, and ``H' = (H - Ph) // sy + 1``. With checkered layers
         only the points of ``sample_pattern`` (repeated) are computed, the others are zero.
 
+    Raises
+    ------
+    ConversionError
+        When the self-check finds that a network claimed exact is not (it names the first node
+        whose map differs).
+
     Warns
     -----
     UserWarning
         Once, when padding inside the network makes the dense output differ from per-patch
-        evaluation (``exact`` is then False).
+        evaluation (``exact`` is then False); it gives the measured deviation.
     """
     traced = _trace(model, patch_size, in_channels)
-    network, plan = _build(traced, sampling, phases)
-    plan = _plan_with_costs(traced, plan)
-    if not plan.exact:
+    network, plan, builder = _build(traced, sampling, phases)
+    dense = DenseClassifier(network, _plan_with_costs(traced, plan))
+    if verify:
+        dense = certified(model, traced, dense, builder)
+    if not dense.plan.exact:
+        measured = dense.plan.verified
         warnings.warn(
             "the dense network is not exact: "
-            + "; ".join(plan.inexact_reasons)
+            + "; ".join(dense.plan.inexact_reasons)
+            + (f" (self-check: {measured.summary()})" if measured else "")
             + ". Use napari_dense.compare / reference.patchwise to measure the deviation.",
             stacklevel=2,
         )
-    return DenseClassifier(network, plan)
+    return dense

@@ -18,7 +18,7 @@ from .state import SamplingSpec
 
 def _build(
     traced: _Traced, sampling: SamplingSpec, phases: str = "dilated"
-) -> tuple[fx.GraphModule, DensePlan]:
+) -> tuple[fx.GraphModule, DensePlan, _DenseGraphBuilder]:
     builder = _DenseGraphBuilder(traced, sampling, phases)
     network = fx.GraphModule(builder.attrs, builder.build(), class_name="DenseNetwork")
     network.graph.eliminate_dead_code()
@@ -26,7 +26,7 @@ def _build(
     _relu_in_place(network)
     network.graph.lint()
     network.recompile()
-    return network, _plan_of(builder)
+    return network, _plan_of(builder), builder
 
 
 def _plan_of(builder: _DenseGraphBuilder) -> DensePlan:

@@ -237,6 +237,7 @@ class _SpatialOps(_BuilderState):
         if stride != (1, 1):
             sampling = self.requested.get(name, self.default)
             self.layers.append(StridingLayer(name, op, kernel, stride, sampling))
+            self.layer_input_stride[name] = lattice.total_stride
         dense_stride: Pair = (1, 1) if sampling == "all" else stride
         d = self._emitted_dilation(lattice)
         dilation = (own_dilation[0] * d[0], own_dilation[1] * d[1])

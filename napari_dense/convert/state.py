@@ -43,6 +43,8 @@ class _BuilderState:
         self.receptive: dict[fx.Node, Pair] = {}
         self.attrs: dict[str, Any] = {}  # attributes the dense graph reads (shared, not copied)
         self.layers: list[StridingLayer] = []
+        # Total stride of each striding layer's input (which of its phases a pixel falls in).
+        self.layer_input_stride: dict[str, Pair] = {}
         self.inexact: list[str] = []
         self.costs = _Costs()
         self.spatial_size_reads: list[fx.Node] = []

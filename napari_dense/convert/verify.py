@@ -1,0 +1,325 @@
+"""Certification: every conversion checks its dense network against the original model.
+
+Before :func:`~napari_dense.densify` returns, the dense network and the model itself (not its
+traced graph: hooks and anything tracing may lose are included) run on a small random batch.
+The patch positions compared cover every phase of every striding layer, the first and the
+last position of the output grid, and a few random ones. An exact claim that does not hold
+raises :class:`ConversionError`, which names the first node whose dense map differs from the
+patch network's (found by comparing intermediate maps); for networks that are not exact the
+measured deviation is recorded in ``plan.verified``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.export import ExportedProgram
+
+from ..dense import DenseClassifier
+from ..errors import NapariDenseError
+from ..geometry import Lattice, Pair
+from ..plan import Verification
+from .acquire import Classifier, ExportedModule
+from .builder import _DenseGraphBuilder
+from .patchnet import _graph_output, _Traced
+
+__all__ = ["ConversionError", "certify"]
+
+#: Deviation allowed of an exact network, relative to max(1, largest |output|) (float32).
+RELATIVE_TOLERANCE = 1e-4
+_BATCH = 2
+_MIN_POSITIONS = 12  # over the whole batch, on top of the phase cover
+_SEED = 20171
+
+
+class ConversionError(NapariDenseError, RuntimeError):
+    """The converted network does not compute what the model computes (a failed self-check)."""
+
+
+def certify(
+    model: Classifier,
+    traced: _Traced,
+    dense: DenseClassifier,
+    builder: _DenseGraphBuilder,
+) -> Verification:
+    """Run ``dense`` and ``model`` on a random batch and compare them.
+
+    Parameters
+    ----------
+    model
+        The caller's classifier (run in eval mode; its mode is restored).
+    traced
+        The patch network the conversion was made from.
+    dense
+        The converted network.
+    builder
+        The builder that made it (the striding layers and their input strides).
+
+    Returns
+    -------
+    Verification
+        Max |Δ|, tolerance and the positions compared.
+
+    Raises
+    ------
+    ConversionError
+        When the plan claims exactness and the outputs differ by more than the tolerance.
+    """
+    plan = dense.plan
+    (ph, pw), (sy, sx) = plan.patch_size, plan.output_stride
+    output = _graph_output(traced.module.graph)
+    period = builder.lattice[output].total_stride
+    rows = max(2, -(-period[0] // sy) + 1)
+    cols = max(2, -(-period[1] // sx) + 1)
+    size = (ph + (rows - 1) * sy, pw + (cols - 1) * sx)
+    device = _device_of(traced.module)
+    generator = torch.Generator().manual_seed(_SEED)
+    x = torch.randn(_BATCH, traced.in_channels, *size, generator=generator).to(device)
+    with torch.no_grad():
+        out = dense(x)
+    if tuple(out.shape) != (_BATCH, plan.num_classes, rows, cols):
+        raise ConversionError(
+            f"the dense network returns {tuple(out.shape)} for a {size[0]}x{size[1]} input, "
+            f"expected {(_BATCH, plan.num_classes, rows, cols)}: a converter bug; report it "
+            "with the model, or convert with verify=False to skip this check"
+        )
+    positions, covered = _positions(builder, plan, rows, cols, generator)
+    patches = torch.stack(
+        [x[b, :, i * sy : i * sy + ph, j * sx : j * sx + pw] for b, i, j in positions]
+    )
+    reference = _run_model(model, traced, patches).reshape(len(positions), -1).float()
+    computed = torch.stack([out[b, :, i, j] for b, i, j in positions]).float()
+    scale = float(reference.abs().nan_to_num(0.0).max()) if reference.numel() else 0.0
+    tolerance = RELATIVE_TOLERANCE * max(1.0, scale)
+    deviation = _deviation(computed, reference)
+    verification = Verification(
+        max_abs_diff=float(deviation.max()),
+        tolerance=tolerance,
+        scale=scale,
+        positions=len(positions),
+        batch=_BATCH,
+        input_size=size,
+        phases_covered=covered,
+    )
+    if plan.exact and not verification.passed:
+        first = int(torch.nonzero(deviation > tolerance)[0, 0])
+        b, i, j = positions[first]
+        where = _localise(model, traced, x, patches, positions, (sy, sx), tolerance)
+        raise ConversionError(
+            f"the dense network is not exact although the conversion claims it: max |Δ| "
+            f"{verification.max_abs_diff:.3g} (tolerance {tolerance:.2g}), first at the patch "
+            f"with top-left ({i * sy}, {j * sx}) of random image {b}; {where}. Report it with "
+            "the model; convert with verify=False to skip this check"
+        )
+    return verification
+
+
+def certified(
+    model: Classifier, traced: _Traced, dense: DenseClassifier, builder: _DenseGraphBuilder
+) -> DenseClassifier:
+    """``dense`` with ``plan.verified`` filled in by :func:`certify`."""
+    dense.plan = replace(dense.plan, verified=certify(model, traced, dense, builder))
+    return dense
+
+
+def _deviation(computed: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per position, max |Δ| over classes; a NaN on one side only counts as infinite."""
+    diff = (computed - reference).abs()
+    both_nan = computed.isnan() & reference.isnan()
+    diff = torch.where(both_nan, torch.zeros_like(diff), diff.nan_to_num(float("inf")))
+    return diff.amax(dim=1)
+
+
+def _positions(
+    builder: _DenseGraphBuilder, plan: Any, rows: int, cols: int, generator: torch.Generator
+) -> tuple[list[tuple[int, int, int]], bool]:
+    """Output positions ``(image, row, col)`` that cover every phase of every striding layer."""
+    (sy, sx) = plan.output_stride
+    mask = _computed(plan.sample_pattern, rows, cols)
+    grid = [(b, i, j) for b in range(_BATCH) for i in range(rows) for j in range(cols)]
+    grid = [p for p in grid if mask[p[1], p[2]]]
+    order = torch.randperm(len(grid), generator=generator).tolist()
+    strides = [(builder.layer_input_stride[layer.name], layer.stride) for layer in plan.layers]
+    needed = {
+        (k, a, b)
+        for k, (_, stride) in enumerate(strides)
+        for a in range(stride[0])
+        for b in range(stride[1])
+    }
+
+    def phases(position: tuple[int, int, int]) -> set[tuple[int, int, int]]:
+        y, x = position[1] * sy, position[2] * sx
+        return {(k, (y // c[0]) % s[0], (x // c[1]) % s[1]) for k, (c, s) in enumerate(strides)}
+
+    chosen = [grid[0], grid[-1]]  # first and last position (the valid region's edges)
+    seen = set().union(*(phases(p) for p in chosen))
+    for index in order:  # greedy: every position that adds a phase not seen yet
+        if grid[index] not in chosen and phases(grid[index]) - seen:
+            chosen.append(grid[index])
+            seen |= phases(grid[index])
+    # A few random positions more, while the model's share of the cost stays below the dense
+    # network's (large patches: the phase cover alone).
+    dense_macs = plan.macs_per_pixel * _BATCH * (rows * sy) * (cols * sx)
+    extra = min(_MIN_POSITIONS, int(dense_macs // max(plan.macs_per_patch, 1.0)))
+    for index in order:
+        if len(chosen) >= len(grid) or extra <= 0:
+            break
+        if grid[index] not in chosen:
+            chosen.append(grid[index])
+            extra -= 1
+    return chosen, needed <= seen
+
+
+def _computed(pattern: Sequence[Sequence[bool]] | None, rows: int, cols: int) -> np.ndarray:
+    if pattern is None:
+        return np.ones((rows, cols), dtype=bool)
+    tile = np.array(pattern, dtype=bool)
+    reps = (-(-rows // tile.shape[0]), -(-cols // tile.shape[1]))
+    return np.tile(tile, reps)[:rows, :cols]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _run_model(model: Classifier, traced: _Traced, patches: torch.Tensor) -> torch.Tensor:
+    """The caller's model on a batch of patches, in eval mode (its modes restored)."""
+    runner: Callable[[torch.Tensor], Any] = (
+        ExportedModule(model) if isinstance(model, ExportedProgram) else model
+    )
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    try:
+        for module, _ in modes:
+            module.training = False
+        with torch.no_grad():
+            try:
+                out = runner(patches)
+            except Exception:  # a model fixed to its traced batch size: one chunk at a time
+                out = torch.cat([_single(runner(chunk)) for chunk in patches.split(1)])
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return _single(out)
+
+
+def _single(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) and len(out) == 1 else out
+
+
+# --------------------------------------------------------------------------------------------
+# Localising a mismatch: compare every intermediate map of the patch network with the dense
+# network's (all layers densified, so dense index (y, x) is the patch with top-left (y, x)).
+# --------------------------------------------------------------------------------------------
+
+
+def _localise(
+    model: Classifier,
+    traced: _Traced,
+    x: torch.Tensor,
+    patches: torch.Tensor,
+    positions: list[tuple[int, int, int]],
+    stride: Pair,
+    tolerance: float,
+) -> str:
+    try:
+        return _first_mismatch(model, traced, x, patches, positions, stride, tolerance)
+    except Exception as err:  # localising is a best effort; the mismatch itself is certain
+        return f"the node could not be localised ({type(err).__name__})"
+
+
+def _first_mismatch(
+    model: Classifier,
+    traced: _Traced,
+    x: torch.Tensor,
+    patches: torch.Tensor,
+    positions: list[tuple[int, int, int]],
+    stride: Pair,
+    tolerance: float,
+) -> str:
+    reference = _run_model(model, traced, patches).reshape(len(patches), -1)
+    patch_values = _record(traced.module, patches)
+    output = _graph_output(traced.module.graph)
+    graph_out = patch_values[output].reshape(len(patches), -1)
+    if _max_diff(graph_out, reference) > tolerance:
+        return (
+            "the traced graph itself differs from the model: something in forward() was not "
+            "recorded (a global forward hook, Python side effects, state read at run time). "
+            "Hint: remove it, or export the model with torch.export and convert the program"
+        )
+    builder = _DenseGraphBuilder(traced, "all")
+    graph = builder.build()
+    dense_values = _record(fx.GraphModule(builder.attrs, graph), x)
+    (sy, sx) = stride  # output grid units -> pixels (= dense indices when all is densified)
+    for node in traced.module.graph.nodes:
+        if node not in builder.lattice or node.op == "placeholder":
+            continue
+        value, dense_node = patch_values.get(node), builder.env.get(node)
+        lattice = builder.lattice[node]
+        if not isinstance(value, torch.Tensor) or dense_node not in dense_values:
+            continue
+        if lattice.phases or lattice.checkered:
+            continue
+        expected = _from_dense(dense_values[dense_node], lattice, value.shape, positions, sy, sx)
+        if expected is not None and _max_diff(expected, value) > tolerance:
+            stack = node.meta.get("nn_module_stack") or {}
+            paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+            path = str(node.target) if node.op == "call_module" else (paths[-1] if paths else "")
+            op = (
+                type(traced.module.get_submodule(str(node.target))).__name__
+                if node.op == "call_module"
+                else getattr(node.target, "__name__", str(node.target))
+            )
+            module = f"module '{path}', " if path else ""
+            return f"the first map that differs is node '{node.name}' ({module}{op})"
+    return "no intermediate map differs with every layer densified (a sampling-specific bug)"
+
+
+def _record(module: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, Any]:
+    interpreter = fx.Interpreter(module, garbage_collect_values=False)
+    with torch.no_grad():
+        interpreter.run(x)
+    return dict(interpreter.env)
+
+
+def _from_dense(
+    dense: Any,
+    lattice: Lattice,
+    shape: torch.Size,
+    positions: list[tuple[int, int, int]],
+    sy: int,
+    sx: int,
+) -> torch.Tensor | None:
+    """The patch network's value at every position, read from an all-densified dense map."""
+    if not isinstance(dense, torch.Tensor) or dense.ndim != 4:
+        return None
+    dy, dx = lattice.dilation
+    if len(shape) == 4:
+        h, w = shape[2], shape[3]
+    elif lattice.flattened is not None:
+        h, w = lattice.flattened[1:]
+    elif len(shape) == 2:
+        h, w = 1, 1
+    else:
+        return None
+    values = []
+    for b, i, j in positions:
+        y, x = i * sy, j * sx
+        crop = dense[b, :, y : y + (h - 1) * dy + 1 : dy, x : x + (w - 1) * dx + 1 : dx]
+        if crop.shape[-2:] != (h, w):
+            return None
+        values.append(crop)
+    stacked = torch.stack(values)
+    return stacked.reshape(len(positions), *shape[1:]) if stacked.numel() else None
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float(_deviation(a.reshape(len(a), -1).float(), b.reshape(len(b), -1).float()).max())
