@@ -1,7 +1,8 @@
 """The ``napari-dense`` command line.
 
 Every expected failure prints one line, ``napari-dense: error: <what>; <fix>``, and exits with
-status 2 (``--debug`` shows the traceback instead). Ctrl-C during ``predict`` stops after the
+status 2 for bad arguments or input, 1 when a run fails (``--debug`` shows the traceback
+instead). Ctrl-C during ``predict`` stops after the
 current tile and leaves a store that ``--resume`` completes.
 """
 
@@ -251,135 +252,30 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_headless(Path(args.output), overwrite=args.overwrite, device=args.device)
 
 
-def _add_non_finite(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--non-finite",
-        default="refuse",
-        choices=["refuse", "zero"],
-        help="NaN/infinite pixels: refuse them (default) or read them as 0",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (documented in README)."""
-    parser = argparse.ArgumentParser(
-        prog="napari-dense",
-        description="Exact dense (per-pixel) inference for PyTorch patch classifiers.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True)
-    model_help = "model file (.pt2, sidecar .yaml) or built-in network 15x15 | 32x32 | 64x64"
-    trust_help = (
-        "allow a model whose sidecar names a python_file: that Python file runs (only for "
-        "files you trust; a .pt2 runs no code)"
+    """The argument parser (documented in README; built in :mod:`napari_dense.cli_parser`)."""
+    from .cli_parser import build_parser as build
+
+    return build(
+        {
+            "explain": _cmd_explain,
+            "predict": _cmd_predict,
+            "compare": _cmd_compare,
+            "frontier": _cmd_frontier,
+            "demo": _cmd_demo,
+        }
     )
 
-    explain = commands.add_parser("explain", help="the striding layers of a model and costs")
-    explain.add_argument("model", help=model_help)
-    explain.add_argument("--trust-code", action="store_true", help=trust_help)
-    explain.add_argument("--patch", type=int, help="patch size (default: the model's)")
-    explain.add_argument(
-        "--sampling",
-        default="all",
-        help="all | checkered | none | advanced | simple | layer=all,layer=checkered,...",
-    )
-    explain.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    explain.set_defaults(run=_cmd_explain)
 
-    predict = commands.add_parser("predict", help="predict an image into an OME-Zarr map")
-    predict.add_argument("model", help=model_help)
-    predict.add_argument("--trust-code", action="store_true", help=trust_help)
-    predict.add_argument("image", help="image: .zarr / OME-Zarr / .tif / .npy / .png ...")
-    predict.add_argument("-o", "--output", required=True, help="output .zarr directory")
-    predict.add_argument(
-        "--mode",
-        default="advanced",
-        help="advanced | checkered | simple | custom spec layer=all,layer=checkered,layer=none",
-    )
-    predict.add_argument("--patch", type=int, help="patch size (default: the model's)")
-    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    predict.add_argument("--tile", type=int, help="output pixels per tile side (default: auto)")
-    predict.add_argument(
-        "--precision", default="float32", choices=["float32", "bfloat16", "float16"]
-    )
-    predict.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float16", "uint8"],
-        help="stored probabilities",
-    )
-    predict.add_argument("--border", default="reflect", choices=["reflect", "edge", "constant"])
-    predict.add_argument("--channel-axis", type=int, help="channel axis of the image")
-    predict.add_argument("--level", type=int, default=0, help="OME-Zarr / TIFF pyramid level")
-    predict.add_argument("--pyramid", type=int, default=0, help="extra 2x-downsampled levels")
-    predict.add_argument("--resume", action="store_true", help="finish an interrupted run")
-    predict.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    predict.add_argument("--scheduler", help="dask scheduler address, or local:N")
-    predict.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the network (slow first tile, faster after)",
-    )
-    predict.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_non_finite(predict)
-    predict.set_defaults(run=_cmd_predict)
-
-    compare = commands.add_parser("compare", help="simple vs shift-and-stitch vs advanced")
-    compare.add_argument("model", help=model_help)
-    compare.add_argument("--trust-code", action="store_true", help=trust_help)
-    compare.add_argument("image", help="image file")
-    compare.add_argument("--region", help="y0:y1,x0:x1 (default: the whole image)")
-    compare.add_argument("--patch", type=int, help="patch size (default: the model's)")
-    compare.add_argument("--channel-axis", type=int, help="channel axis of the image")
-    compare.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    _add_non_finite(compare)
-    compare.set_defaults(run=_cmd_compare)
-
-    front = commands.add_parser(
-        "frontier",
-        help="time vs error of per-layer samplings; the fastest within an error budget",
-    )
-    front.add_argument("model", help=model_help)
-    front.add_argument("--trust-code", action="store_true", help=trust_help)
-    front.add_argument("image", help="image file")
-    front.add_argument("--region", help="y0:y1,x0:x1 (default: the whole image)")
-    front.add_argument(
-        "--budget",
-        type=float,
-        default=0.01,
-        help="largest error accepted, in the metric's unit (class_change: fraction of pixels)",
-    )
-    front.add_argument(
-        "--metric",
-        default="class_change",
-        choices=["class_change", "mean_abs_diff", "p99_abs_diff"],
-        help="error measure against advanced",
-    )
-    front.add_argument("--plot", default="frontier.png", help="PNG of time vs class change")
-    front.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
-    front.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    front.add_argument(
-        "--max-exhaustive",
-        type=int,
-        default=4,
-        help="most layer groups tried in every combination (more: a greedy path)",
-    )
-    front.add_argument("--patch", type=int, help="patch size (default: the model's)")
-    front.add_argument("--channel-axis", type=int, help="channel axis of the image")
-    front.add_argument("--overwrite", action="store_true", help="replace an existing plot")
-    front.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_non_finite(front)
-    front.set_defaults(run=_cmd_frontier)
-
-    demo = commands.add_parser(
-        "demo", help="the trained IHC model in napari (or headless without a display)"
-    )
-    demo.add_argument("--headless", action="store_true", help="no GUI, even with a display")
-    demo.add_argument("--output", default=".", help="folder of the headless outputs")
-    demo.add_argument("--overwrite", action="store_true", help="replace demo_output.zarr")
-    demo.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    demo.set_defaults(run=_cmd_demo)
-    return parser
+def _exit_status(err: BaseException) -> int:
+    """2 for bad arguments or input (the user's to fix), 1 when a run fails (disk, compute)."""
+    if isinstance(err, FileExistsError | NotADirectoryError):
+        return 2  # an output path that is taken: choose another or pass the option
+    if isinstance(err, OSError | RuntimeError) or not isinstance(
+        err, NapariDenseError | ValueError
+    ):
+        return 1
+    return 2
 
 
 def _one_line(text: object) -> str:
@@ -410,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.debug:
                 raise
             print(f"napari-dense: error: {_one_line(err)}", file=sys.stderr)
-            return 2
+            return _exit_status(err)
         except Exception as err:  # a bug or a library failure: still one line
             if args.debug:
                 raise

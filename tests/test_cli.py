@@ -66,8 +66,10 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True)  # fmt: skip
 
 
-def _one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
+def _one_line_error(
+    result: subprocess.CompletedProcess[str], *fragments: str, status: int = 2
+) -> None:
+    assert result.returncode == status, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
@@ -96,8 +98,11 @@ def test_predict_bad_inputs_are_one_line_errors(tmp_path) -> None:
     _one_line_error(_run_cli("predict", str(tmp_path / "odd.pt2"), str(grey), "-o", out),
                     "cannot densify")  # fmt: skip
     (tmp_path / "file").write_text("x")
+    # A run that fails (here: the output cannot be created) exits with 1, bad input with 2.
     _one_line_error(
-        _run_cli("predict", "15x15", str(grey), "-o", str(tmp_path / "file" / "m.zarr"))
+        _run_cli("predict", "15x15", str(grey), "-o", str(tmp_path / "file" / "m.zarr")),
+        "choose a writable output path",
+        status=1,
     )
     # An image smaller than the patch is reflected at its borders: it works.
     small = _run_cli("predict", "15x15", str(tmp_path / "tiny.npy"), "-o", out, "--quiet")
@@ -124,3 +129,20 @@ def test_frontier_prints_table_and_pick_and_writes_the_plot(tmp_path, capsys) ->
     assert err.count("\n") == 1 and "exists" in err and "--overwrite" in err
     assert main([*args, "--overwrite", "--metric", "mean_abs_diff", "--budget", "0"]) == 0
     assert "picked for mean_abs_diff <= 0: A A" in capsys.readouterr().out
+
+
+def test_version_and_help_show_examples_and_defaults(capsys) -> None:
+    from napari_dense import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"napari-dense {__version__}"
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "--resume   # after Ctrl-C" in text
+    assert "(default: reflect)" in text and "(default: None)" not in text
+    for command in ("explain", "compare", "frontier", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "examples:" in capsys.readouterr().out
