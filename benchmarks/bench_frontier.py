@@ -6,7 +6,7 @@ layers densified, exact): mean and 99th-percentile |Δp| and the fraction of pix
 class changes. Then the cheapest setting within a class-change budget is picked and its speedup
 over advanced reported.
 
-- ``ihc``: the demo model (``resources/ihc_patchnet.pt2``, trained) on the demo image
+- ``ihc``: the demo model (``napari_dense/demo/models/ihc_patchnet.pt2``, trained) on the demo image
   (scikit-image's ``immunohistochemistry``).
 - ``64x64``: the 64×64 benchmark net (random He-normal weights, seed 0, softmax) on the same
   image, normalised like the demo model.
@@ -30,6 +30,7 @@ import torch
 from skimage import data
 
 import napari_dense as nd
+from napari_dense.demo.run import find_demo_model
 from napari_dense.demo.train import normalisation_of
 from napari_dense.models import BENCHMARK_NETS
 
@@ -41,7 +42,7 @@ BUDGETS = (0.005, 0.01, 0.02, 0.05)
 def model_of(name: str) -> tuple[Any, dict[str, Any]]:
     """The model (module or loaded model file) and the frontier arguments it needs."""
     if name == "ihc":
-        return nd.load_classifier(ROOT / "resources" / "ihc_patchnet.pt2"), {}
+        return nd.load_classifier(find_demo_model()), {}
     factory, patch, _ = BENCHMARK_NETS[name]
     torch.manual_seed(0)
     model = factory().eval()

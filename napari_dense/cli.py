@@ -44,10 +44,14 @@ def _load_model(name: str, trust_code: bool = False) -> tuple[Any, Any, int]:
     builtin = _builtin_net(name)
     if builtin is not None:
         return builtin
+    from .demo.run import DEMO_MODELS, find_demo_model
+
+    if name in DEMO_MODELS and not Path(name).exists():
+        name = str(find_demo_model(f"{name}.pt2"))  # the trained demo models, package data
     if not Path(name).exists():
         raise NapariDenseError(
-            f"model file not found: {name}; give a .pt2 / .yaml model file or a built-in "
-            "network (15x15, 32x32, 64x64)"
+            f"model file not found: {name}; give a .pt2 / .yaml model file, a demo model "
+            f"({', '.join(DEMO_MODELS)}) or a built-in network (15x15, 32x32, 64x64)"
         )
     from .model_files import load_classifier
 

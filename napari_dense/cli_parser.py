@@ -13,7 +13,10 @@ from typing import Any
 
 __all__ = ["build_parser"]
 
-_MODEL_HELP = "model file (.pt2, sidecar .yaml) or built-in network 15x15 | 32x32 | 64x64"
+_MODEL_HELP = (
+    "model file (.pt2, sidecar .yaml), demo model ihc_patchnet | ihc_selecsls, or built-in "
+    "network (random weights) 15x15 | 32x32 | 64x64"
+)
 _SAMPLING_HELP = (
     "advanced (all layers densified, exact) | checkered | simple (none) | per layer: "
     "layer=all,layer=checkered,layer=none"
@@ -109,7 +112,7 @@ def build_parser(
         "explain",
         ["model"],
         "The striding layers of a model, what densifying each costs, and whether it is exact",
-        "  napari-dense explain resources/ihc_patchnet.pt2\n"
+        "  napari-dense explain ihc_patchnet\n"
         "  napari-dense explain 15x15 --sampling 2=all,5=none --json",
     )
     explain.add_argument("--sampling", default="all", help=_SAMPLING_HELP)
@@ -161,15 +164,14 @@ def build_parser(
         "compare",
         ["model", "image", "region", "device"],
         "Simple vs shift-and-stitch vs advanced on one image: time, memory, difference",
-        "  napari-dense compare resources/ihc_patchnet.pt2 image.tif --region 0:512,0:512",
+        "  napari-dense compare ihc_patchnet image.tif --region 0:512,0:512",
     )
 
     front = add(
         "frontier",
         ["model", "image", "region", "device", "quiet"],
         "Time vs error of every per-layer sampling, and the fastest within an error budget",
-        "  napari-dense frontier resources/ihc_patchnet.pt2 image.tif --budget 0.01 "
-        "--plot frontier.png",
+        "  napari-dense frontier ihc_patchnet image.tif --budget 0.01 --plot frontier.png",
     )
     front.add_argument(
         "--budget",

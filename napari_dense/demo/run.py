@@ -16,22 +16,33 @@ import numpy as np
 
 from ..errors import NapariDenseError
 
-__all__ = ["DEMO_MODEL", "find_demo_model", "overlay_preview", "run_gui", "run_headless"]
+__all__ = [
+    "DEMO_MODEL",
+    "DEMO_MODELS",
+    "find_demo_model",
+    "overlay_preview",
+    "run_gui",
+    "run_headless",
+]
 
 DEMO_MODEL = "ihc_patchnet.pt2"
 PADDED_MODEL = "ihc_selecsls.pt2"
+#: Names the CLI accepts for the trained demo models.
+DEMO_MODELS = ("ihc_patchnet", "ihc_selecsls")
 #: Overlay colours of the classes (nucleus, DAB-positive); background is left transparent.
 CLASS_COLOURS = np.array([[0.9, 0.1, 0.9], [0.1, 0.9, 0.2]], dtype=np.float32)
 
 
 def find_demo_model(name: str = DEMO_MODEL) -> Path:
-    """The trained demo model in the repository's ``resources/`` folder."""
-    for folder in (Path.cwd() / "resources", Path(__file__).resolve().parents[2] / "resources"):
-        if (folder / name).is_file():
-            return folder / name
+    """The trained demo model, shipped as package data (``napari_dense/demo/models``)."""
+    from importlib.resources import files
+
+    path = Path(str(files("napari_dense.demo") / "models" / name))
+    if path.is_file():
+        return path
     raise NapariDenseError(
-        f"demo model {name} not found in resources/; train it with "
-        "`python -m napari_dense.demo.train --out resources`"
+        f"demo model {name} is missing from the installed package ({path.parent}); reinstall "
+        "napari-dense, or train it with `python -m napari_dense.demo.train`"
     )
 
 

@@ -1,7 +1,7 @@
 """Train the demo patch classifiers on scikit-image's IHC image (offline, 2 CPU cores, < 5 min).
 
-``python -m napari_dense.demo.train [--out resources]`` writes, for each model, a ``.pt2``
-(torch.export) with its metadata sidecar ``.yaml`` (patch size, channels, class names,
+``python -m napari_dense.demo.train [--out napari_dense/demo/models]`` writes, for each model,
+a ``.pt2`` (torch.export) with its metadata sidecar ``.yaml`` (patch size, channels, class names,
 normalisation, activation, held-out accuracy, training command):
 
 - ``ihc_patchnet``: no padding, so its dense network is exact.
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..model_files import ModelMetadata, save_classifier
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("resources"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models")
     parser.add_argument("--samples", type=int, default=30000)
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args(argv)
