@@ -1,4 +1,13 @@
-"""Drop a model file (``.pt2`` or its sidecar ``.yaml``) on the viewer: load it, add no layer."""
+"""Drop a model file (``.pt2`` or its sidecar ``.yaml``) on the viewer: load it, add no layer.
+
+The reader itself runs nothing from the file: :func:`get_reader` only looks at the name (and,
+for YAML, at the text), and the loading is the Dense inference widget's
+``load_model(path)``, which calls :func:`napari_dense.load_classifier` with
+``trust_code=False``. A ``.pt2`` is checked before torch reads it (a refused one is reported,
+nothing is loaded); a sidecar naming a ``python_file`` raises
+:class:`~napari_dense.model_files.CodeExecutionRefused` there, and the widget asks the user
+(naming the file and its folder) before loading again with ``trust_code=True``.
+"""
 
 from __future__ import annotations
 
