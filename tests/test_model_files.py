@@ -274,3 +274,48 @@ def test_bad_metadata_is_refused_with_the_field(tmp_path: Path) -> None:
             load_classifier(path)
     with pytest.raises(ModelFileError, match=r"writes \.pt2 files"):
         save_classifier(fdfe15(), tmp_path / "m.pth", metadata=METADATA)
+
+
+def test_unclear_metadata_gets_a_message_naming_the_fix(tmp_path: Path) -> None:
+    path = save_classifier(fdfe15(num_classes=3), tmp_path / "m.pt2", metadata=METADATA)
+    sidecar = tmp_path / "m.yaml"
+    accepted = r"positive whole number \(square patches\) or \[height, width\]"
+    for text, expected in [
+        (
+            "patch_size: big\n",
+            rf"patch_size must be a {accepted}, got 'big' \(in m\.pt2 \+ m\.yaml",
+        ),
+        ("patch_size: 24.5\n", rf"patch_size must be a {accepted}, got 24\.5"),
+        ("patch_size: [15, 15, 3]\n", rf"patch_size must be a {accepted}, got \[15, 15, 3\]"),
+        ("in_channels: two\n", r"in_channels must be a positive whole number .*got 'two'"),
+        ("in_channels: 1.5\n", r"in_channels must be a positive whole number .*got 1\.5"),
+        # A wrong channel count is a channel problem, not a normalisation one.
+        ("in_channels: 3\nnormalisation: {mean: 0.5, std: 0.25}\n", "in_channels is 3 but"),
+    ]:
+        sidecar.write_text(text, encoding="utf-8")
+        with pytest.raises(ModelFileError, match=expected):
+            load_classifier(path)
+    sidecar.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
+    with pytest.raises(ModelFileError, match=r"^m\.yaml is not a text YAML file \(byte 0x89"):
+        load_classifier(path)
+
+
+def test_in_channels_of_a_python_model_is_checked_before_its_normalisation(
+    tmp_path: Path,
+) -> None:
+    """A 1-channel network declared with 3 channels and 3 normalisation values."""
+    net = _write_net(tmp_path)
+    torch.save(fdfe15(num_classes=3).state_dict(), tmp_path / "net.pth")
+    (tmp_path / "net.yaml").write_text(
+        "patch_size: 15\nin_channels: 3\nnormalisation: {mean: [0.5, 0.5, 0.5], std: 0.2}\n",
+        "utf-8",
+    )
+    with pytest.raises(
+        ModelFileError, match=r"in_channels is 3 but the model's first Conv2d takes 1 channel"
+    ):
+        load_classifier(net, class_name="PatchNet", weights=tmp_path / "net.pth", trust_code=True)
+    (tmp_path / "net.yaml").write_text(
+        "patch_size: 15\nnormalisation: {mean: [0.5, 0.5, 0.5], std: 0.2}\n", "utf-8"
+    )
+    with pytest.raises(ModelFileError, match=r"mean has 3 values for a 1-channel model"):
+        load_classifier(net, class_name="PatchNet", weights=tmp_path / "net.pth", trust_code=True)
