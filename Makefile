@@ -14,7 +14,10 @@ APT_PACKAGES := xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-randr0 \
 	libxkbcommon-x11-0 libgl1 libegl1 libfontconfig1 libdbus-1-3
 PYTEST_ARGS ?=
 
-.PHONY: demo test install system-deps lint bench clean
+# Where the wheel test builds and installs (outside the checkout, thrown away each time).
+WHEEL_TEST_DIR ?= $(or $(TMPDIR),/tmp)/napari-dense-wheel-test
+
+.PHONY: demo test test-wheel install system-deps lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +49,21 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-wheel
+
+# The package as users install it: the wheel in a fresh venv outside the checkout (the pinned
+# torch again), then the headless demo and npe2's manifest check run there.
+test-wheel: install
+	rm -rf "$(WHEEL_TEST_DIR)" && mkdir -p "$(WHEEL_TEST_DIR)"
+	$(BIN)/python -m pip wheel --quiet --no-deps -w "$(WHEEL_TEST_DIR)/dist" .
+	$(PYTHON) -m venv "$(WHEEL_TEST_DIR)/venv"
+	"$(WHEEL_TEST_DIR)/venv/bin/python" -m pip install --quiet "$(TORCH_SPEC)" \
+		"$(WHEEL_TEST_DIR)"/dist/napari_dense-*.whl npe2
+	cd "$(WHEEL_TEST_DIR)" && ./venv/bin/napari-dense --version && \
+		./venv/bin/napari-dense demo --headless --output demo && \
+		test -f demo/demo_output.zarr/zarr.json && test -f demo/demo_overlay.png && \
+		./venv/bin/npe2 validate napari-dense
+	@echo "wheel test: passed"
 
 lint: install
 	$(BIN)/ruff check napari_dense tests benchmarks
@@ -56,4 +74,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_modes.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis "$(WHEEL_TEST_DIR)"
