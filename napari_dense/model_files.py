@@ -66,6 +66,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import pickle
 import sys
@@ -290,19 +291,22 @@ class ModelMetadata:
 def _patch_pair(value: Any) -> Pair:
     """``patch_size`` as ``(Ph, Pw)``: one positive int, or a list of one or two."""
     items = list(value) if isinstance(value, list | tuple) else [value]
-    if 1 <= len(items) <= 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items
-    ):
-        return (items[0], items[-1])
+    if 1 <= len(items) <= 2 and all(_is_count(v) for v in items):
+        return (int(items[0]), int(items[-1]))
     raise ModelFileError(
         f"patch_size must be a positive whole number (square patches) or [height, width], got "
         f"{value!r}"
     )
 
 
+def _is_count(value: Any) -> bool:
+    """A positive whole number (not a bool, not a float such as 24.5 or 24.0)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
 def _channel_count(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+    if _is_count(value):
+        return int(value)
     raise ModelFileError(
         f"in_channels must be a positive whole number (the image channels the model reads), got "
         f"{value!r}"
