@@ -96,10 +96,10 @@ _SYMBOL = re.compile(r"[a-z]+[0-9]+")
 _PLAIN_STRING = re.compile(r"[A-Za-z0-9_.+\-]*")
 _GUARD_METHODS = frozenset({"size", "stride", "dim", "numel", "storage_offset"})
 # Syntax allowed in both: arithmetic, comparisons and boolean logic.
-_OPERATORS = (ast.Expression, ast.Load, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare)
-_OPERATORS += (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub)
-_OPERATORS += (ast.UAdd, ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt)
-_OPERATORS += (ast.GtE,)
+_OPERATORS: tuple[type[ast.AST], ...] = (ast.Expression, ast.Load, ast.BinOp, ast.UnaryOp)
+_OPERATORS += (ast.BoolOp, ast.Compare, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)
+_OPERATORS += (ast.Mod, ast.Pow, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or, ast.Eq)
+_OPERATORS += (ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 _FIXED_ENTRIES = frozenset(
     {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
 )

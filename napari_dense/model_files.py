@@ -301,7 +301,7 @@ def _patch_pair(value: Any) -> Pair:
 
 def _is_count(value: Any) -> bool:
     """A positive whole number (not a bool, not a float such as 24.5 or 24.0)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0
 
 
 def _channel_count(value: Any) -> int:
