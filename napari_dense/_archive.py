@@ -268,7 +268,7 @@ def _verified_contents(
                 while block := stream.read(1 << 20):
                     if keep:
                         chunks.append(block)
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as err:
             raise ArchiveProblem(
                 f"entry {relative!r} is damaged ({err}): the file was altered or truncated "
                 "(flipped bytes, an incomplete copy); copy it again from its source"
@@ -290,10 +290,8 @@ def _is_raw_tensor(name: str) -> bool:
 def _check_entries(entries: list[str], contents: dict[str, bytes]) -> None:
     models = [n[len("models/") : -len(".json")] for n in entries if _is_model_json(n)]
     if not models or contents.get("archive_format") != b"pt2":
-        kind = "a TorchScript archive" if any("code/" in n for n in entries) else "not"
-        raise ArchiveProblem(
-            f"the archive is {kind} a torch.export program (no models/*.json); {REEXPORT}"
-        )
+        kind = "a TorchScript archive" if any("code/" in n for n in entries) else "no models/*.json"
+        raise ArchiveProblem(f"the archive is not a torch.export program ({kind}); {REEXPORT}")
     allowed_configs = {
         f"data/{part}/{model}_{part}_config.json"
         for model in models

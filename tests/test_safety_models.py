@@ -224,6 +224,26 @@ def test_graph_targets_other_than_torch_operators_are_refused(good: Path, tmp_pa
         load_classifier(bad)
 
 
+def test_entries_readers_may_disagree_on_or_torch_does_not_write_are_refused(
+    good: Path, tmp_path: Path
+) -> None:
+    root, entries = _entries(good)
+    twice = _rewrite(good, tmp_path / "twice.pt2", {})
+    with zipfile.ZipFile(twice, "a") as archive:  # the same name to torch's reader (miniz)
+        archive.writestr(f"{root}/Models/model.json", entries["models/model.json"])
+    with pytest.raises(ModelFileError, match=r"Models/model\.json' appears twice"):
+        load_classifier(twice)
+    compiled = _rewrite(good, tmp_path / "aoti.pt2", {"data/aotinductor/model/m.so": b"ELF"})
+    with pytest.raises(ModelFileError, match=r"compiled AOTInductor code \(data/aotinductor"):
+        load_classifier(compiled)
+    scripted = tmp_path / "scripted.pt2"
+    with zipfile.ZipFile(scripted, "w") as archive:
+        archive.writestr("scripted/code/__torch__.py", b"def forward(self): pass")
+        archive.writestr("scripted/data.pkl", b"")
+    with pytest.raises(ModelFileError, match=r"scripted\.pt2 is a TorchScript archive"):
+        load_classifier(scripted)
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "image.npy"
