@@ -6,11 +6,18 @@ Layout of a store at ``map.zarr``::
     map.zarr/0/               level 0: probabilities, axes "cyx", "czyx", "tcyx" or "tczyx"
     map.zarr/1/, 2/, ...      optional pyramid levels (2× local mean over y, x), by finalize()
     map.zarr/.napari_dense_tiles/z3_y0-256_x512-768    empty marker of one completed tile
+    map.zarr/.napari_dense.lock, .napari_dense_owner.json   the writer lock (see _lock.py)
 
 A tile counts as done only once its marker exists, and the marker is created (atomically) only
 after the tile's data are written, so an interrupted run never mistakes a half-written tile for a
 finished one. Markers are separate files, so processes writing different tiles never contend.
 ``napari_dense.complete`` turns true only at the very end of :meth:`ProbabilityStore.finalize`.
+
+Safety: one writing run at a time (:meth:`ProbabilityStore.acquire_lock`; readers are never
+blocked); ``overwrite`` deletes only a store this project wrote — never a file, another Zarr, a
+store holding foreign files, a symbolic link, or the input image or a folder containing it; every
+chunk is written even when it holds only zeros, so that a recorded tile whose chunk is missing is
+known to be lost (:meth:`ProbabilityStore.forget_unreadable_tiles`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import math
 import operator
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -30,13 +38,16 @@ import zarr
 import zarr.errors
 from zarr.codecs import BloscCodec
 
+from ._lock import LOCK_FILE, OWNER_FILE, StoreLockedError, WriterLock
 from .errors import InputError, NapariDenseError
 
 __all__ = [
     "STORE_DTYPES",
+    "OverwriteRefusedError",
     "ProbabilityStore",
     "StoreExistsError",
     "StoreIncompleteError",
+    "StoreLockedError",
     "StoreWriteError",
 ]
 
@@ -75,6 +86,10 @@ TileKey = tuple[tuple[int, ...], Box]
 
 class StoreExistsError(NapariDenseError, FileExistsError):
     """The output path exists and neither overwriting nor resuming was asked for."""
+
+
+class OverwriteRefusedError(StoreExistsError):
+    """The output path holds something ``overwrite`` must not delete (not ours, or the input)."""
 
 
 class StoreWriteError(NapariDenseError, OSError):
@@ -121,6 +136,9 @@ class ProbabilityStore:
         self._complete = bool(attributes[ATTRIBUTES_KEY].get("complete", False))
         self._marker_dir_ready = False
         self._array = _level_array(group, "0")
+        self._lock = WriterLock(path)
+        #: Made by this object's :meth:`create` (only such a store may be discarded).
+        self._created_here = False
 
     # ------------------------------------------------------------------ creating and opening
 
@@ -137,8 +155,12 @@ class ProbabilityStore:
         scale: Sequence[float] | None = None,
         overwrite: bool = False,
         attributes: Mapping[str, Any] | None = None,
+        protect: Sequence[str | os.PathLike[str]] = (),
     ) -> ProbabilityStore:
-        """Create an empty store (every pixel reads 0 until written).
+        """Create an empty store (every pixel reads 0 until written), locked for writing.
+
+        The new store holds the writer lock (:meth:`acquire_lock`) until :meth:`finalize` or
+        :meth:`release_lock`.
 
         Parameters
         ----------
@@ -161,10 +183,13 @@ class ProbabilityStore:
             Physical pixel size per space axis, ``(y, x)`` or, with a z axis, ``(z, y, x)``;
             1 by default. Written as the NGFF scale transformation of level 0.
         overwrite
-            Replace an existing store at ``path`` (a directory that is not a Zarr store is never
-            deleted).
+            Replace an existing store at ``path``, only if this project wrote it (its
+            ``napari_dense`` attribute), it holds nothing else, no other run writes it, and it is
+            not (and does not contain) a ``protect`` path. An empty directory may be replaced too.
         attributes
             Provenance (JSON-serialisable) stored under the ``"napari_dense"`` group attribute.
+        protect
+            Paths that must never be deleted, e.g. the input image (symbolic links resolved).
 
         Returns
         -------
@@ -174,6 +199,10 @@ class ProbabilityStore:
         ------
         StoreExistsError
             ``path`` exists and ``overwrite`` is false.
+        OverwriteRefusedError
+            ``path`` holds something ``overwrite`` never deletes (a :class:`StoreExistsError`).
+        StoreLockedError
+            ``overwrite``: another run is writing the store at ``path``.
         StoreWriteError
             ``path`` cannot be created.
         InputError
@@ -197,6 +226,8 @@ class ProbabilityStore:
         provenance["complete"] = False
 
         if path.exists() or path.is_symlink():
+            # Checked first, with or without overwrite: the message says what is there.
+            _check_replaceable(path, protect)
             if not overwrite:
                 raise StoreExistsError(
                     f"{path} exists; pass overwrite=True (CLI: --overwrite) or resume=True "
@@ -218,16 +249,36 @@ class ProbabilityStore:
         )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreWriteError(
+                f"cannot create {path}: {_reason(err)}; choose a writable output path"
+            ) from err
+        try:
+            path.mkdir()  # exclusive: of two runs creating the same store, one is refused
+        except FileExistsError:
+            raise StoreExistsError(
+                f"{path} was created by another run just now; choose another output path"
+            ) from None
+        except OSError as err:
+            raise StoreWriteError(
+                f"cannot create {path}: {_reason(err)}; choose a writable output path"
+            ) from err
+        lock = WriterLock(path)
+        lock.acquire()
+        try:
             group = zarr.create_group(
                 str(path), zarr_format=3, attributes={"ome": ome, ATTRIBUTES_KEY: provenance}
             )
             _create_level(group, "0", shape, chunk_shape, store_dtype, axes)
             (path / MARKER_DIR).mkdir(exist_ok=True)
         except OSError as err:
+            lock.release()
             raise StoreWriteError(
                 f"cannot create {path}: {_reason(err)}; choose a writable output path"
             ) from err
-        return cls(path, group)
+        store = cls(path, group)
+        store._lock, store._created_here = lock, True
+        return store
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> ProbabilityStore:
@@ -242,6 +293,8 @@ class ProbabilityStore:
         if not path.exists():
             raise InputError(f"{path} does not exist: there is no probability map to open")
         not_ours = f"{path} is not a napari-dense probability map"
+        if not path.is_dir():
+            raise InputError(f"{not_ours} but a file (a map is a .zarr folder): give a map folder")
         try:
             group = zarr.open_group(str(path), mode="r+", zarr_format=3)
         except (zarr.errors.BaseZarrError, FileNotFoundError, NotADirectoryError) as err:
@@ -313,6 +366,57 @@ class ProbabilityStore:
         datasets = self._read_attributes()["ome"]["multiscales"][0]["datasets"]
         return len(datasets) - 1
 
+    # ------------------------------------------------------------------ the writer lock
+
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this object holds the store's writer lock."""
+        return self._lock.held
+
+    def acquire_lock(self) -> None:
+        """Become the store's one writing run (readers are never blocked).
+
+        Taken by :meth:`create`, by :func:`napari_dense.to_zarr.prepare_run` on resume and by
+        :meth:`finalize`; released by :meth:`release_lock`, at the end of :meth:`finalize`, and
+        by the operating system when the process exits (also SIGKILL or a crash).
+
+        Raises
+        ------
+        StoreLockedError
+            Another run (another process, or another store object in this one) holds it; the
+            message names its PID, host and start time.
+        """
+        self._lock.acquire()
+
+    def release_lock(self) -> None:
+        """Let another run write the store (no-op when not held)."""
+        self._lock.release()
+
+    def lock_owner(self) -> dict[str, Any]:
+        """``{"pid", "host", "started"}`` of the last run that took the lock (``{}`` if none)."""
+        return self._lock.owner()
+
+    def discard_if_empty(self) -> bool:
+        """Delete this store if this object created it, holds its lock and no tile was recorded.
+
+        For a run that fails before its first tile: nothing computed, nothing left behind. A
+        store that was reopened, or that holds any recorded tile, is never deleted.
+
+        Returns
+        -------
+        bool
+            Whether the store was deleted.
+        """
+        if not (self._created_here and self.holds_lock) or self.completed_tiles():
+            return False
+        try:
+            shutil.rmtree(self.path)
+        except OSError:
+            return False
+        finally:
+            self.release_lock()
+        return True
+
     # ------------------------------------------------------------------ writing
 
     def write_tile(
@@ -371,6 +475,23 @@ class ProbabilityStore:
         keys = (self._parse_marker(name) for name in names)
         return {key for key in keys if key is not None}
 
+    def forget_unreadable_tiles(self) -> list[TileKey]:
+        """Un-record tiles whose chunks are missing or cannot be decoded, so they are recomputed.
+
+        Every recorded tile's chunk files must exist (chunks are written even when all zero)
+        and decode. Reads every recorded tile once (about the speed of reading the map); needs
+        the writer lock, which resuming holds.
+
+        Returns
+        -------
+        list of (leading, box)
+            The tiles forgotten (sorted).
+        """
+        lost = sorted(key for key in self.completed_tiles() if not self._tile_readable(*key))
+        for leading, box in lost:
+            (self.path / MARKER_DIR / self._marker_name(leading, box)).unlink(missing_ok=True)
+        return lost
+
     def is_complete(self) -> bool:
         """Whether :meth:`finalize` has finished (read from disk: another process may finalize)."""
         provenance = self._read_attributes()[ATTRIBUTES_KEY]
@@ -409,6 +530,13 @@ class ProbabilityStore:
                 f"{self.path} lacks {missing} tile(s); write them before finalizing (CLI: run "
                 "again with --resume)"
             )
+        self.acquire_lock()  # no-op for the run that holds it; refuses while another writes
+        try:
+            self._finalize(attributes, pyramid_levels)
+        finally:
+            self.release_lock()
+
+    def _finalize(self, attributes: Mapping[str, Any] | None, pyramid_levels: int) -> None:
         extra = _jsonable(dict(attributes or {}), "attributes")
         current = self._read_attributes()
         provenance = {**current[ATTRIBUTES_KEY], **extra, "complete": False}
@@ -544,6 +672,22 @@ class ProbabilityStore:
         except ValueError:
             return None
         return tuple(leading), (box[0], box[1], box[2], box[3])
+
+    def _tile_readable(self, leading: tuple[int, ...], box: Box) -> bool:
+        """Whether every chunk of a recorded tile exists on disk and decodes."""
+        (tile_y, tile_x), (y0, y1, x0, x1) = self.tile_shape, box
+        by_axis = dict(zip(self.leading_axes, leading, strict=True))
+        for row in range(y0 // tile_y, -(-y1 // tile_y)):
+            for col in range(x0 // tile_x, -(-x1 // tile_x)):
+                index = {**by_axis, "c": 0, "y": row, "x": col}
+                key = self._array.metadata.encode_chunk_key(tuple(index[a] for a in self.axes))
+                if not (self.path / "0" / key).is_file():
+                    return False
+        try:
+            np.asarray(self._array[self._selection(leading, box)])
+        except Exception:  # any decoding failure: the tile is recomputed, not trusted
+            return False
+        return True
 
     def _record(self, leading: tuple[int, ...], box: Box) -> None:
         """Create the tile's marker atomically: it appears whole or not at all."""
@@ -686,6 +830,8 @@ def _create_level(
         dimension_names=list(axes),
         compressors=[_compressor()],
         overwrite=overwrite,
+        # Every written chunk exists on disk, even all zero: a missing chunk means a lost tile.
+        config={"write_empty_chunks": True},
     )
 
 
@@ -699,7 +845,7 @@ def _level_array(group: zarr.Group, name: str) -> zarr.Array:
     node = group[name]
     if not isinstance(node, zarr.Array):
         raise InputError(f"{group.store_path}/{name} is a group, not an array")
-    return node
+    return node.with_config({"write_empty_chunks": True})
 
 
 def _halved(shape: Sequence[int], axes: str) -> tuple[int, ...]:
@@ -821,22 +967,85 @@ def _jsonable(value: dict[str, Any], what: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- files
 
 
-def _remove_existing_store(path: Path) -> None:
-    """Delete what ``overwrite=True`` replaces; never a directory that is not a Zarr store."""
-    if path.is_symlink() or not path.is_dir():
-        try:
-            path.unlink()
-        except OSError as err:
-            raise StoreWriteError(f"cannot replace {path}: {_reason(err)}") from err
-        return
-    is_zarr = any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zarray"))
-    if not is_zarr and any(path.iterdir()):
-        raise StoreExistsError(
-            f"{path} exists and is not a Zarr store, so overwrite=True will not delete it; "
-            "choose another output path"
+#: Top-level names inside a store that this project writes (levels are numbers).
+_OUR_NAMES: Final = frozenset({"zarr.json", MARKER_DIR, LOCK_FILE, OWNER_FILE})
+_OUR_NAME_PATTERN: Final = re.compile(r"\d+|\.[0-9a-f]{32}\.owner\.tmp")
+#: A store's zarr.json larger than this is not ours (provenance is a few kB).
+_MAX_METADATA_BYTES: Final = 16 * 2**20
+_CHOOSE: Final = "choose another output path"
+
+
+def _check_replaceable(path: Path, protect: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse (:class:`OverwriteRefusedError`) unless ``path`` is a store of ours, or empty."""
+    if path.is_symlink():
+        raise OverwriteRefusedError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); overwrite does not follow "
+            f"links: {_CHOOSE}, or remove the link yourself"
         )
+    real = path.resolve()
+    for protected in protect:
+        guarded = Path(protected).resolve()
+        if guarded == real or real in guarded.parents:
+            what = "is the input image" if guarded == real else f"contains the input {guarded}"
+            raise OverwriteRefusedError(
+                f"{path} {what}; napari-dense never deletes its input: {_CHOOSE}"
+            )
+    if not path.is_dir():
+        raise OverwriteRefusedError(
+            f"{path} is a file, not a probability map napari-dense wrote, so it is not deleted: "
+            f"{_CHOOSE} (or delete the file yourself)"
+        )
+    names = sorted(entry.name for entry in os.scandir(path))
+    if not names:
+        return  # an empty directory holds nothing to lose
+    if not any(name in names for name in ("zarr.json", ".zgroup", ".zarray")):
+        raise OverwriteRefusedError(
+            f"{path} exists and is not a Zarr store, so overwrite will not delete it; {_CHOOSE}"
+        )
+    if not _written_by_us(path / "zarr.json"):
+        raise OverwriteRefusedError(
+            f"{path} is a Zarr store that napari-dense did not write (no '{ATTRIBUTES_KEY}' "
+            f"attribute), so overwrite will not delete it; {_CHOOSE}"
+        )
+    foreign = [n for n in names if n not in _OUR_NAMES and not _OUR_NAME_PATTERN.fullmatch(n)]
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise OverwriteRefusedError(
+            f"{path} holds files napari-dense did not write ({listed}), so overwrite will not "
+            f"delete it; move them out, or {_CHOOSE}"
+        )
+
+
+def _written_by_us(metadata: Path) -> bool:
+    """Whether ``metadata`` is a Zarr v3 group's zarr.json with our provenance attribute."""
     try:
-        shutil.rmtree(path)
+        if metadata.stat().st_size > _MAX_METADATA_BYTES:
+            return False
+        document = json.loads(metadata.read_bytes())
+    except (OSError, ValueError):
+        return False
+    attributes = document.get("attributes") if isinstance(document, dict) else None
+    return (
+        document.get("zarr_format") == 3
+        and document.get("node_type") == "group"
+        and isinstance(attributes, dict)
+        and isinstance(attributes.get(ATTRIBUTES_KEY), dict)
+        and isinstance(attributes.get("ome"), dict)
+    )
+
+
+def _remove_existing_store(path: Path) -> None:
+    """Delete what :func:`_check_replaceable` allowed, under the store's writer lock."""
+    try:
+        if not any(path.iterdir()):
+            path.rmdir()  # fails, deleting nothing, if something appeared meanwhile
+            return
+        lock = WriterLock(path)
+        lock.acquire()  # StoreLockedError while another run writes it
+        try:
+            shutil.rmtree(path)
+        finally:
+            lock.release()
     except OSError as err:
         raise StoreWriteError(f"cannot replace {path}: {_reason(err)}") from err
 

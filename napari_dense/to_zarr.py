@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -14,10 +15,11 @@ import torch
 
 from .engine import MemoryCheck, TiledPredictor, TileResult, make_predictor
 from .errors import InputError
+from .fingerprint import FINGERPRINT_KEY, check_resume, image_identity, run_fingerprint
 from .predict import sampling_of_mode
 from .store import ProbabilityStore
 
-__all__ = ["iter_into_store", "predict_to_zarr", "prepare_run"]
+__all__ = ["iter_into_store", "predict_to_zarr", "prepare_run", "remaining_tasks"]
 
 #: Axis names of the output for 0, 1 and 2 leading (Z/T) axes of the source (NGFF order).
 _OUTPUT_AXES = {0: "cyx", 1: "czyx", 2: "tczyx"}
@@ -71,18 +73,28 @@ def prepare_run(
     path = Path(output)
     axes = _OUTPUT_AXES[len(source.leading_shape)]
     shape = _output_shape(axes, source.leading_shape, setup.dense.num_classes, source.plane_shape)
-    if resume and path.exists():
-        store = ProbabilityStore.open(path)
-        expected = shape
-        if tuple(store.array.shape) != expected or tuple(store.array.chunks[-2:]) != tuple(
-            predictor.plan.tile_shape
-        ):
-            raise InputError(
-                f"{path} was written with another image shape or tile size "
-                f"({tuple(store.array.shape)}, chunks {tuple(store.array.chunks)}); resume with "
-                f"the same --tile, or use --overwrite"
-            )
-        return predictor, store
+    protect = _input_paths(image, source.path)
+    fingerprint = run_fingerprint(
+        network=predictor.dense,
+        model_file_sha256=setup.provenance.get("model_sha256"),
+        patch_size=setup.dense.patch_size,
+        sampling=setup.dense.plan.sampling,
+        border=border,
+        interpolation=interpolation,
+        normalisation=setup.normalisation,
+        activation=setup.activation,
+        precision=precision,
+        non_finite=non_finite,
+        dtype=dtype,
+        tile=predictor.plan.tile_shape,
+        class_names=setup.class_names,
+        output_shape=shape,
+        image=image_identity(
+            source.array, path=source.path, source_shape=source.source_shape, level=level
+        ),
+    )  # fmt: skip
+    if resume and (path.exists() or path.is_symlink()):
+        return predictor, _reopen(path, fingerprint, protect)
     dense = setup.dense
     provenance = {
         **setup.provenance,
@@ -107,6 +119,7 @@ def prepare_run(
         "source_level": level,
         "started": _now(),
         "complete": False,
+        FINGERPRINT_KEY: fingerprint,
     }
     store = ProbabilityStore.create(
         path,
@@ -117,8 +130,68 @@ def prepare_run(
         dtype=dtype,
         overwrite=overwrite,
         attributes=provenance,
+        protect=protect,
     )
     return predictor, store
+
+
+def _reopen(path: Path, fingerprint: dict[str, Any], protect: list[str]) -> ProbabilityStore:
+    """The store of the interrupted run at ``path``, locked, if it is that same run."""
+    real = path.resolve()
+    for guarded in protect:
+        if Path(guarded).resolve() == real or real in Path(guarded).resolve().parents:
+            raise InputError(
+                f"{path} is the input image (or contains it), not an interrupted run: write the "
+                "map to another output path"
+            )
+    if path.is_file():
+        raise InputError(
+            f"{path} is a file, not the folder of an interrupted run, so there is nothing to "
+            "resume: choose another output path"
+        )
+    store = ProbabilityStore.open(path)
+    # Compared before locking: a refused resume changes nothing in the store.
+    check_resume(path, store.attributes.get(FINGERPRINT_KEY), fingerprint)
+    store.acquire_lock()  # StoreLockedError while another run writes it
+    try:
+        shape, tile = tuple(fingerprint["output_shape"]), tuple(fingerprint["tile"])
+        if tuple(store.array.shape) != shape or tuple(store.array.chunks[-2:]) != tile:
+            raise InputError(
+                f"{path} holds an array of shape {tuple(store.array.shape)} in chunks "
+                f"{tuple(store.array.chunks)}, not the shape {shape} in {tile} tiles its run "
+                "recorded (the store was altered); pass overwrite=True (--overwrite) to start again"
+            )
+        store.forget_unreadable_tiles()
+    except BaseException:
+        store.release_lock()
+        raise
+    return store
+
+
+def remaining_tasks(
+    predictor: TiledPredictor,
+    store: ProbabilityStore,
+    centre: tuple[float, float] | None = None,
+) -> list[tuple[tuple[int, ...], Any]]:
+    """The ``(leading, tile)`` tasks of ``predictor`` that ``store`` has not recorded as done.
+
+    ``centre``: ``(y, x)``, tiles nearest to it first (the GUI passes the field of view).
+    """
+    done = store.completed_tiles()
+    return [(lead, t) for lead, t in predictor.tasks(centre) if (lead, t.box) not in done]
+
+
+def _input_paths(image: Any, source_path: str | None) -> list[str]:
+    """Where the input lives on disk, as far as known: never to be deleted by ``overwrite``."""
+    paths = [source_path] if source_path is not None else []
+    store = getattr(image, "store", None)  # a zarr array opened by the caller
+    root = getattr(store, "root", None)
+    if root is not None:
+        paths.append(os.fspath(Path(root) / str(getattr(image, "path", "") or "")))
+    filename = getattr(image, "filename", None)  # a numpy memmap
+    if isinstance(filename, str | os.PathLike):
+        paths.append(os.fspath(filename))
+    return paths
 
 
 def _output_shape(
@@ -184,38 +257,66 @@ def predict_to_zarr(
     if "mode" in options:
         sampling_of_mode(options["mode"])  # fail early on a bad mode
     predictor, store = prepare_run(image, model, output, **options)
-    done = store.completed_tiles()
-    tasks = [(lead, t) for lead, t in predictor.tasks() if (lead, t.box) not in done]
-    start = time.perf_counter()
-    if scheduler:
-        from .distributed import run_distributed
+    try:
+        tasks = remaining_tasks(predictor, store)
+        start = time.perf_counter()
+        if scheduler:
+            from .distributed import run_distributed
 
-        run_distributed(predictor, store, tasks, scheduler, on_tile=on_tile)
-    else:
-        _run_local(predictor, store, tasks, on_tile)
-    seconds = time.perf_counter() - start
-    megapixels = sum(tile.shape[0] * tile.shape[1] for _, tile in tasks) / 1e6
-    store.finalize(
-        attributes={
-            "finished": _now(),
-            "seconds": round(seconds, 3),
-            "megapixels_per_second": round(megapixels / max(seconds, 1e-9), 4),
-            "complete": True,
-        },
-        pyramid_levels=pyramid_levels,
-    )
+            run_distributed(predictor, store, tasks, scheduler, on_tile=on_tile)
+        else:
+            _run_local(predictor, store, tasks, on_tile)
+        seconds = time.perf_counter() - start
+        megapixels = sum(tile.shape[0] * tile.shape[1] for _, tile in tasks) / 1e6
+        store.finalize(
+            attributes={
+                "finished": _now(),
+                "seconds": round(seconds, 3),
+                "megapixels_per_second": round(megapixels / max(seconds, 1e-9), 4),
+                "complete": True,
+            },
+            pyramid_levels=pyramid_levels,
+        )
+    except BaseException:
+        store.discard_if_empty()  # failed before its first tile: leave nothing behind
+        raise
+    finally:
+        store.release_lock()
     return store
 
 
 def iter_into_store(
-    predictor: TiledPredictor, store: ProbabilityStore, tasks: list[Any]
+    predictor: TiledPredictor,
+    store: ProbabilityStore,
+    tasks: list[Any],
+    *,
+    end_run: bool = True,
 ) -> Iterator[TileResult]:
     """Compute ``tasks`` and write them; yield each tile once it is written and recorded.
 
     Tile ``n`` is written while tile ``n + 1`` computes. Closing the generator (Cancel, Ctrl-C)
     stops after the current tile; every computed tile is written before it returns. The GUI runs
     this generator in a worker thread; the CLI drains it.
+
+    With ``end_run`` (the default), the generator ends the run when it stops: it releases the
+    store's writer lock (so that a cancelled run can be resumed; :meth:`~ProbabilityStore.finalize`
+    takes it again), and a failure before the first tile deletes the store :func:`prepare_run`
+    has just created. :func:`predict_to_zarr` passes ``False`` and does both itself.
     """
+    try:
+        yield from _write_while_computing(predictor, store, tasks)
+    except Exception:
+        if end_run:
+            store.discard_if_empty()
+        raise
+    finally:
+        if end_run:
+            store.release_lock()
+
+
+def _write_while_computing(
+    predictor: TiledPredictor, store: ProbabilityStore, tasks: list[Any]
+) -> Iterator[TileResult]:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-dense-write") as writer:
         pending: tuple[Future[None], TileResult] | None = None
         try:
@@ -243,6 +344,6 @@ def _run_local(
     tasks: list[Any],
     on_tile: Callable[[TileResult], None] | None,
 ) -> None:
-    for result in iter_into_store(predictor, store, tasks):
+    for result in iter_into_store(predictor, store, tasks, end_run=False):
         if on_tile is not None:
             on_tile(result)

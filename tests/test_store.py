@@ -261,12 +261,14 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_zarr_store(tmp_path) 
     (precious / "thesis.tex").write_text("...")
     with pytest.raises(StoreExistsError, match="not a Zarr store"):
         make(tmp_path, name="results", overwrite=True)
-    assert (precious / "thesis.tex").exists()
-    # An empty directory, or a file, may be replaced.
+    assert (precious / "thesis.tex").read_text() == "..."
+    # An empty directory may be replaced; a file never is.
     (tmp_path / "empty.zarr").mkdir()
     make(tmp_path, name="empty.zarr", overwrite=True)
     (tmp_path / "file.zarr").write_text("x")
-    make(tmp_path, name="file.zarr", overwrite=True)
+    with pytest.raises(StoreExistsError, match="is a file"):
+        make(tmp_path, name="file.zarr", overwrite=True)
+    assert (tmp_path / "file.zarr").read_text() == "x"
 
 
 def test_an_unwritable_path_gives_a_one_line_error(tmp_path) -> None:

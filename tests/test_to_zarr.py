@@ -1,4 +1,4 @@
-"""predict_to_zarr: OME-Zarr output, provenance, refusal to overwrite, resume after a kill."""
+"""predict_to_zarr: OME-Zarr output, provenance, refusal to overwrite, resume after a crash."""
 
 from __future__ import annotations
 
@@ -6,18 +6,19 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import napari_dense as nd
+from napari_dense.fingerprint import ResumeMismatchError
 from napari_dense.models import fdfe15
-from napari_dense.store import ProbabilityStore, StoreExistsError
-from napari_dense.to_zarr import predict_to_zarr
+from napari_dense.store import ProbabilityStore, StoreExistsError, StoreLockedError
+from napari_dense.to_zarr import predict_to_zarr, prepare_run
 
 
 @pytest.fixture(scope="module")
@@ -81,55 +82,100 @@ def test_uint8_output(tmp_path, model, image) -> None:
     np.testing.assert_allclose(store.read(), nd.predict(image, softmax, 15), atol=0.5 / 255 + 1e-6)
 
 
-def test_resume_after_a_run_killed_mid_way_gives_identical_output(tmp_path, model, image) -> None:
-    weights = tmp_path / "weights.pt"
-    torch.save(model.state_dict(), weights)
-    np.save(tmp_path / "image.npy", image)
+#: The child run of the crash matrix: 16 tiles, a pyramid level; it stops (sleeps) at ``point``
+#: ("start": before its first tile, "middle": after 6 tiles, "finalize": building the pyramid)
+#: and prints "at point" so that the test can signal it there.
+CHILD = """
+import sys, time, torch
+from napari_dense.models import fdfe15
+from napari_dense.store import ProbabilityStore
+from napari_dense.to_zarr import predict_to_zarr
+weights, image, out, point = sys.argv[1:]
+model = fdfe15(num_classes=2).eval()
+model.load_state_dict(torch.load(weights))
+def stop(here):
+    if here == point:
+        print("at point", flush=True)
+        time.sleep(60)
+calls = []
+def check(shape):
+    calls.append(shape)
+    if len(calls) == 1:
+        stop("start")
+def on_tile(result):
+    if result.index == 5:
+        stop("middle")
+build = ProbabilityStore._build_level
+def slow_build(self, source, target):
+    stop("finalize")
+    build(self, source, target)
+ProbabilityStore._build_level = slow_build
+predict_to_zarr(image, model, out, patch_size=15, tile=16, device="cpu", pyramid_levels=1,
+                on_tile=on_tile, memory_check=check)
+"""
+#: Tiles the image of this module makes with ``tile=16``.
+TILES = 16
+
+
+@pytest.fixture(scope="module")
+def crash_inputs(tmp_path_factory, model, image) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """Weights and image files for the child, and the uninterrupted map (levels 0 and 1)."""
+    folder = tmp_path_factory.mktemp("crash")
+    torch.save(model.state_dict(), folder / "weights.pt")
+    np.save(folder / "image.npy", image)
+    reference = predict_to_zarr(folder / "image.npy", model, folder / "reference.zarr",
+                                patch_size=15, tile=16, device="cpu", pyramid_levels=1)  # fmt: skip
+    return folder / "weights.pt", folder / "image.npy", reference.read(0), reference.read(1)
+
+
+@pytest.mark.parametrize("point", ["start", "middle", "finalize"])
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=str)
+def test_a_run_stopped_by_a_signal_resumes_to_identical_bytes(
+    tmp_path, model, crash_inputs, point, signum
+) -> None:
+    weights, image_file, level0, level1 = crash_inputs
     out = tmp_path / "map.zarr"
-    script = textwrap.dedent(f"""
-        import time, torch
-        from napari_dense.models import fdfe15
-        from napari_dense.to_zarr import predict_to_zarr
-        model = fdfe15(num_classes=2).eval()
-        model.load_state_dict(torch.load({str(weights)!r}))
-        def slow(result):
-            print("tile", result.index, flush=True)
-            time.sleep(0.2)
-        predict_to_zarr({str(tmp_path / "image.npy")!r}, model, {str(out)!r}, patch_size=15,
-                        tile=16, device="cpu", on_tile=slow)
-    """)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("tile 5"):
-            break
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    partial = ProbabilityStore.open(out)
-    done = partial.completed_tiles()
-    assert not partial.is_complete() and 5 <= len(done) < 16
-    with pytest.raises(StoreExistsError):
-        predict_to_zarr(tmp_path / "image.npy", model, out, patch_size=15, tile=16)
-    resumed: list[tuple[int, int, int, int]] = []
-    store = predict_to_zarr(
-        tmp_path / "image.npy",
-        model,
-        out,
-        patch_size=15,
-        tile=16,
-        resume=True,
-        on_tile=lambda r: resumed.append(r.tile.box),
+    settings: dict[str, Any] = {"patch_size": 15, "tile": 16, "device": "cpu"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(weights), str(image_file), str(out), point],
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    assert store.is_complete() and len(resumed) == 16 - len(done)
-    assert not {box for _, box in done} & set(resumed)
-    reference = predict_to_zarr(image, model, tmp_path / "ref.zarr", patch_size=15, tile=16)
-    np.testing.assert_array_equal(store.read(), reference.read())
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "at point\n"
+        # A second writer is refused while the child runs, with the child named.
+        with pytest.raises(StoreLockedError, match=f"PID {process.pid} on "):
+            prepare_run(image_file, model, out, resume=True, **settings)
+        os.kill(process.pid, signum)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    if point == "start" and signum == signal.SIGINT:
+        assert not out.exists()  # interrupted before any tile: nothing left behind
+    else:
+        partial = ProbabilityStore.open(out)
+        done = partial.completed_tiles()
+        assert not partial.is_complete()
+        assert len(done) == {"start": 0, "middle": 6, "finalize": TILES}[point]
+        with pytest.raises(StoreExistsError):
+            predict_to_zarr(image_file, model, out, **settings)
+        with pytest.raises(ResumeMismatchError, match="border 'reflect' → 'edge'"):
+            predict_to_zarr(image_file, model, out, resume=True, **settings, border="edge")
+    # The lock of the dead (or interrupted) child is recovered; only missing tiles are computed.
+    resumed: list[tuple[int, int, int, int]] = []
+    store = predict_to_zarr(image_file, model, out, resume=True, pyramid_levels=1,
+                            on_tile=lambda r: resumed.append(r.tile.box), **settings)  # fmt: skip
+    expected = {"start": TILES, "middle": TILES - 6, "finalize": 0}[point]
+    assert store.is_complete() and len(resumed) == expected
+    np.testing.assert_array_equal(store.read(0), level0)
+    np.testing.assert_array_equal(store.read(1), level1)
 
 
 def test_resume_with_another_tile_size_is_refused(tmp_path, model, image) -> None:
     out = tmp_path / "map.zarr"
     predict_to_zarr(image, model, out, patch_size=15, tile=16)
-    with pytest.raises(nd.InputError, match="same --tile"):
+    with pytest.raises(nd.InputError, match=r"tile size \[16, 16\] → \[32, 32\]"):
         predict_to_zarr(image, model, out, patch_size=15, tile=32, resume=True)
 
 
