@@ -6,7 +6,7 @@ processed in constant memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import dask.array as da
 import numpy as np
 
 from .errors import InputError
+from .physical import PhysicalSpace, from_ome_zarr, from_tiff
 
 __all__ = ["ImageSource", "open_image"]
 
@@ -31,11 +32,15 @@ class ImageSource:
         Where it came from (None for in-memory arrays).
     source_shape
         Shape as stored, before moving the channel axis.
+    space
+        Pixel size, offset, units and channel names from the image's metadata
+        (:mod:`napari_dense.physical`); the default (1 per pixel, no units) without.
     """
 
     array: da.Array
     path: str | None
     source_shape: tuple[int, ...]
+    space: PhysicalSpace = field(default_factory=PhysicalSpace)
 
     @property
     def leading_shape(self) -> tuple[int, ...]:
@@ -53,15 +58,18 @@ class ImageSource:
         return (int(self.array.shape[-2]), int(self.array.shape[-1]))
 
     def read_window(
-        self, leading: tuple[int, ...], rows: np.ndarray, cols: np.ndarray
-    ) -> np.ndarray:
-        """Gather ``(C, len(rows), len(cols))`` float32 pixels; index ``-1`` reads as zero.
+        self, leading: tuple[int, ...], rows: np.ndarray, cols: np.ndarray,
+        dtype: np.dtype[Any] | type | str = np.float32,
+    ) -> np.ndarray:  # fmt: skip
+        """Gather ``(C, len(rows), len(cols))`` pixels as ``dtype``; index ``-1`` reads as zero.
 
         Reads only the bounding box of the requested rows and columns (one contiguous block),
-        then gathers: border reflection near the edge reuses pixels of that block.
+        then gathers: border reflection near the edge reuses pixels of that block. ``dtype``
+        float32 by default; the engine passes the stored dtype where it travels to the device
+        as it is (:func:`napari_dense._transfer.transfer_dtype`).
         """
         valid_rows, valid_cols = rows[rows >= 0], cols[cols >= 0]
-        window = np.zeros((self.channels, len(rows), len(cols)), dtype=np.float32)
+        window = np.zeros((self.channels, len(rows), len(cols)), dtype=dtype)
         if not len(valid_rows) or not len(valid_cols):
             return window
         r0, r1 = int(valid_rows.min()), int(valid_rows.max()) + 1
@@ -69,7 +77,7 @@ class ImageSource:
         block = self.array[(*leading, slice(None), slice(r0, r1), slice(c0, c1))]
         # Tiles are already read in a background thread: no nested dask thread pool.
         (pixels,) = dask.compute(block, scheduler="synchronous")
-        pixels = np.asarray(pixels, dtype=np.float32)
+        pixels = np.asarray(pixels, dtype=dtype)
         row_ok, col_ok = rows >= 0, cols >= 0
         gathered = pixels[:, rows[row_ok] - r0][:, :, cols[col_ok] - c0]
         window[np.ix_(np.arange(self.channels), np.flatnonzero(row_ok), np.flatnonzero(col_ok))] = (
@@ -78,45 +86,77 @@ class ImageSource:
         return window
 
 
-def _read_path(path: Path, level: int) -> tuple[Any, int | None]:
-    """Open a file lazily; returns the array-like and the channel axis its metadata names."""
+#: What a path yields: the array-like, the channel axis its metadata names, its physical space.
+_Opened = tuple[Any, int | None, PhysicalSpace]
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def _read_path(image: str | Path, level: int) -> _Opened:
+    """Open a file or URL lazily, with the channel axis and the physical space its metadata give."""
+    if isinstance(image, str) and _is_url(image):
+        return _read_zarr(image, level)  # remote stores: Zarr through fsspec
+    path = Path(image)
     if not path.exists():
         raise InputError(f"image file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        import tifffile
-        import zarr
-
-        node = zarr.open(tifffile.imread(path, aszarr=True, level=level), mode="r")
-        return node, None
+        return _read_tiff(path, level)
     if suffix == ".npy":
-        return np.load(path, mmap_mode="r"), None
+        return np.load(path, mmap_mode="r"), None, PhysicalSpace()
     if path.is_dir() or suffix == ".zarr":
-        return _read_zarr(path, level)
+        return _read_zarr(str(path), level)
     from skimage import io
 
-    return io.imread(path), None
+    return io.imread(path), None, PhysicalSpace()
 
 
-def _read_zarr(path: Path, level: int) -> tuple[Any, int | None]:
+def _read_tiff(path: Path, level: int) -> _Opened:
+    import tifffile
     import zarr
 
-    node = zarr.open(str(path), mode="r")
-    if isinstance(node, zarr.Array):
-        return node, None
-    attrs: dict[str, Any] = dict(node.attrs)
-    multiscales = (attrs.get("ome") or attrs).get("multiscales")
-    if not multiscales:
+    space, axes = from_tiff(path, level)
+    node = zarr.open(tifffile.imread(path, aszarr=True, level=level), mode="r")
+    # tifffile names the axes (C: channels, S: samples of RGB pixels); no guessing then.
+    channel_axis = next((axes.index(a) for a in "CS" if a in axes), None)
+    return node, channel_axis, space
+
+
+def _read_zarr(location: str, level: int) -> _Opened:
+    import zarr
+
+    try:
+        node = zarr.open(location, mode="r")
+    except Exception as err:
         raise InputError(
-            f"{path} is a zarr group but not an OME-Zarr image (no 'multiscales'); "
-            "pass the path of an array inside it"
-        )
-    datasets = multiscales[0]["datasets"]
-    if not 0 <= level < len(datasets):
-        raise InputError(f"{path} has levels 0-{len(datasets) - 1}; level {level} does not exist")
-    axes = [a["name"] if isinstance(a, dict) else a for a in multiscales[0].get("axes", [])]
+            f"cannot open {location} as Zarr ({type(err).__name__}: {err}); give a Zarr array, "
+            "an OME-Zarr image or a URL that serves one"
+        ) from err
+    if isinstance(node, zarr.Array):
+        return node, None, PhysicalSpace()
+    try:
+        space, axes, array_path = from_ome_zarr(node, level)
+    except IndexError as err:
+        raise InputError(f"{location} has {err}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        reason = _validation_reason(str(err))
+        raise InputError(
+            f"{location} is a zarr group but not a valid OME-Zarr image ({reason}); pass the "
+            "path of an array inside it"
+        ) from err
     channel_axis = axes.index("c") if "c" in axes else None
-    return node[datasets[level]["path"]], channel_axis
+    return node[array_path], channel_axis, space
+
+
+def _validation_reason(message: str) -> str:
+    """What ome-zarr-models found wrong with an image group: the Image model's first error."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for number, line in enumerate(lines):
+        if line.endswith(".image.Image") and number + 1 < len(lines):
+            return " ".join(lines[number + 1 : number + 3])[:200]
+    return (lines[0] if lines else message)[:200]
 
 
 def _guess_channel_axis(shape: tuple[int, ...], channels: int | None) -> int | None:
@@ -147,7 +187,9 @@ def open_image(
     Parameters
     ----------
     image
-        A numpy or dask array, a zarr array, or a path: ``.zarr`` (array or OME-Zarr group),
+        A numpy or dask array, a zarr array, a URL of a Zarr array or OME-Zarr image
+        (``https://``, ``s3://``: read through fsspec), or a path: ``.zarr`` (array or OME-Zarr
+        group),
         ``.tif``/``.tiff`` (read lazily through tifffile's zarr store), ``.npy`` (memory-mapped),
         or any format scikit-image reads (in memory).
     channels
@@ -160,9 +202,10 @@ def open_image(
         Resolution level of an OME-Zarr or pyramidal TIFF (0 = full resolution).
     """
     path = None
+    space = PhysicalSpace()
     if isinstance(image, str | Path):
         path = str(image)
-        image, metadata_axis = _read_path(Path(image), level)
+        image, metadata_axis, space = _read_path(image, level)
         channel_axis = channel_axis if channel_axis is not None else metadata_axis
     if isinstance(image, da.Array):
         array = image
@@ -197,4 +240,4 @@ def open_image(
             f"the model expects {channels} channel(s) but the image {shape} has "
             f"{array.shape[-3]}; {fix}"
         )
-    return ImageSource(array=array, path=path, source_shape=shape)
+    return ImageSource(array=array, path=path, source_shape=shape, space=space)

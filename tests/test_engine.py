@@ -105,8 +105,9 @@ def test_zarr_tiff_npy_and_ome_zarr_paths(tmp_path, grey_model: torch.nn.Module)
     np.save(npy_path, image)
     ome_path = tmp_path / "image.ome.zarr"
     group = zarr.open_group(ome_path, mode="w")
-    group.create_array("0", data=image[None], chunks=(1, 16, 16))
-    group.create_array("1", data=image[None, ::2, ::2], chunks=(1, 16, 16))
+    names = ("c", "y", "x")  # NGFF 0.5 requires them; the reader validates with ome-zarr-models
+    group.create_array("0", data=image[None], chunks=(1, 16, 16), dimension_names=names)
+    group.create_array("1", data=image[None, ::2, ::2], chunks=(1, 16, 16), dimension_names=names)
     axes = [
         {"name": "c", "type": "channel"},
         {"name": "y", "type": "space"},
