@@ -1,12 +1,28 @@
-"""Choosing the torch device."""
+"""Choosing the torch device, the precision a run computes in, and compiled networks."""
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 from .errors import InputError
 
-__all__ = ["resolve_device"]
+__all__ = [
+    "PRECISION_CHOICES",
+    "clear_compiled",
+    "compiled_network",
+    "cuda_settings",
+    "resolve_device",
+    "resolve_precision",
+    "supports_bfloat16",
+]
+
+#: What ``precision=`` accepts; ``"auto"`` resolves through :func:`resolve_precision`.
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -29,3 +45,99 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
     return resolved
+
+
+def supports_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA with bf16 support; never the CPU)."""
+    if device.type != "cuda":
+        return False
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"``: bfloat16 on a CUDA GPU that supports it, float32 elsewhere; else unchanged.
+
+    ``"float32"`` means strict IEEE float32 on CUDA too: :func:`cuda_settings` turns TF32 off.
+    """
+    if precision not in PRECISION_CHOICES:
+        raise InputError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if supports_bfloat16(device) else "float32"
+    return precision
+
+
+@contextmanager
+def cuda_settings(device: torch.device, precision: str) -> Iterator[None]:
+    """While computing on CUDA: TF32 off for ``"float32"`` (strict IEEE), cuDNN autotuning on.
+
+    The previous settings come back on exit; off CUDA nothing changes. A run keeps one input
+    shape, so cuDNN's autotuning (``benchmark``) happens once, at its first tile.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    if precision == "float32":
+        matmul.allow_tf32 = False
+        cudnn.allow_tf32 = False
+    cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = before
+
+
+# ---------------------------------------------------------------------- compiled networks
+
+#: ``torch.compile``d networks of this process, by (network content, device, precision).
+_COMPILED: dict[tuple[str, str, str], Any] = {}
+#: (network content, device, precision, input shape) that have run once: compiled, autotuned.
+_WARM: set[tuple[str, str, str, tuple[int, ...]]] = set()
+
+
+def network_key(module: torch.nn.Module) -> str:
+    """SHA-256 of a network's code (fx) or ``repr`` and of its parameters and buffers."""
+    digest = hashlib.sha256()
+    code = getattr(getattr(module, "network", module), "code", None)
+    digest.update(str(code if code is not None else module).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def compiled_network(
+    module: torch.nn.Module, device: torch.device, precision: str
+) -> tuple[Any, tuple[str, str, str]]:
+    """``torch.compile(module)``, once per (network content, device, precision) in a process.
+
+    A second run of the same network (a new predictor, the same weights) reuses the compiled
+    module: it compiles (and autotunes) nothing again for a tile shape it has seen. Across
+    processes, torch's own on-disk caches (Inductor's FX graph and autotuning caches, on by
+    default) shorten the first compile. Returns the compiled module and its cache key.
+    """
+    key = (network_key(module), str(device), precision)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(module, mode="max-autotune-no-cudagraphs", dynamic=False)
+    return _COMPILED[key], key
+
+
+def mark_warm(key: tuple[str, str, str], shape: tuple[int, ...]) -> bool:
+    """Record that ``key`` ran on ``shape``; True if it had not before (that call compiled)."""
+    entry = (*key, tuple(shape))
+    first = entry not in _WARM
+    _WARM.add(entry)
+    return first
+
+
+def is_warm(key: tuple[str, str, str], shape: tuple[int, ...]) -> bool:
+    """Whether the compiled network ``key`` already ran on ``shape`` in this process."""
+    return (*key, tuple(shape)) in _WARM
+
+
+def clear_compiled() -> None:
+    """Forget every compiled network of this process (frees what they hold)."""
+    _COMPILED.clear()
+    _WARM.clear()

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,9 +26,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._transfer import (
+    CudaBackend,
+    InFlight,
+    StagingPool,
+    TransferPipeline,
+    as_tensor,
+    check_output_dtype,
+    pipelined,
+    to_float32,
+    to_output,
+    transfer_dtype,
+)
 from .convert import densify
 from .dense import DenseClassifier
-from .device import resolve_device
+from .device import (
+    compiled_network,
+    cuda_settings,
+    is_warm,
+    mark_warm,
+    resolve_device,
+    resolve_precision,
+)
 from .errors import InputError, NapariDenseError
 from .input_checks import check_non_finite_policy, check_value_range, handle_non_finite
 from .predict import sampling_of_mode
@@ -71,11 +91,13 @@ class TileResult:
     tile
         The output box (``tile.box == (y0, y1, x0, x1)``).
     probabilities
-        ``(K, y1 - y0, x1 - x0)`` float32.
+        ``(K, y1 - y0, x1 - x0)`` in the predictor's ``output_dtype`` (float32 by default;
+        float16, or uint8 as ``round(p * 255)``).
     read_seconds, compute_seconds
-        Reading the input window (overlapped with the previous tile's compute) and computing.
+        Reading the input window (overlapped with the previous tile's compute) and computing
+        (on CUDA: the compute's own device time, measured with events; copies overlap it).
     peak_device_bytes
-        Peak CUDA memory of this tile (0 on CPU/MPS).
+        Peak CUDA memory of the run so far (0 on CPU/MPS).
     """
 
     index: int
@@ -197,11 +219,22 @@ class TiledPredictor:
     setup
         The classifier (:func:`resolve_classifier`).
     device, precision, border, interpolation
-        As in :func:`iter_predict`.
+        As in :func:`iter_predict`; ``precision="auto"`` is bfloat16 on a CUDA GPU that supports
+        it, float32 elsewhere (:func:`napari_dense.device.resolve_precision`).
     tile
         Output pixels per tile side (or ``(ty, tx)``); None chooses from ``memory_budget``.
     compile
-        Compile the network with ``torch.compile`` (once per tile shape).
+        Compile the network with ``torch.compile``: once per (network, precision, device) and
+        tile shape in a process (:func:`napari_dense.device.compiled_network`).
+    output_dtype
+        ``"float32"``, ``"float16"`` or ``"uint8"`` (``round(p * 255)``): the dtype results come
+        back from the device in (a store of that dtype writes them unchanged).
+
+    Attributes
+    ----------
+    first_call_seconds
+        Seconds of the warm-up call (compilation, cuDNN autotuning) of the last CUDA or
+        compiled run, apart from the tiles' times; 0.0 when nothing needed warming; None before.
     non_finite
         NaN/infinite pixels: ``"refuse"`` or ``"zero"`` (:mod:`napari_dense.input_checks`).
     memory_check
@@ -222,12 +255,16 @@ class TiledPredictor:
         memory_check: MemoryCheck | None = None,
         compile: bool = False,
         non_finite: str = "refuse",
+        output_dtype: str = "float32",
     ):
         self.non_finite = check_non_finite_policy(non_finite)
         if tile is not None:
             tile = _check_tile(tile)
-        if precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision not in (*PRECISIONS, "auto"):
+            raise InputError(
+                f"precision must be one of {sorted(PRECISIONS)} or 'auto', got {precision!r}"
+            )
+        self.output_dtype = check_output_dtype(output_dtype)
         if interpolation not in ("bilinear", "nearest"):
             raise InputError(f"interpolation must be 'bilinear' or 'nearest': {interpolation!r}")
         if source.channels != setup.dense.in_channels:
@@ -238,17 +275,25 @@ class TiledPredictor:
         self.source = source
         self.setup = setup
         self.device = resolve_device(device)
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         self.interpolation = interpolation
         self.memory_check = memory_check
         self.dense = setup.dense.to(self.device).eval()  # moved once
-        # torch.compile (Triton on GPUs, C++ on CPUs): compiled once per input shape; the plan
-        # keeps one tile shape per run, so a run compiles once (first tile slow, then faster).
-        self._network: Any = (
-            torch.compile(self.dense, mode="max-autotune-no-cudagraphs", dynamic=False)
-            if compile
-            else self.dense
-        )
+        # torch.compile (Triton on GPUs, C++ on CPUs): compiled once per input shape; every
+        # tile reads the same window shape, so a run compiles once, in its warm-up call; the
+        # compiled module is kept for later runs of the same network in this process.
+        self._network: Any = self.dense
+        self._compiled_key: tuple[str, str, str] | None = None
+        if compile:
+            self._network, self._compiled_key = compiled_network(
+                self.dense, self.device, self.precision
+            )
+        # Windows travel as stored (uint8: a quarter of float32's bytes), become float32 on
+        # the device (napari_dense._transfer).
+        self._stored_dtype = np.dtype(source.array.dtype)
+        self._read_dtype = transfer_dtype(self._stored_dtype)
+        self._pipeline: TransferPipeline | None = None
+        self.first_call_seconds: float | None = None
         tile = tile or auto_tile_size(self.dense, self.device, memory_budget)
         self.plan: TilePlan = plan_tiles(
             source.plane_shape, tile, self.dense.patch_size, self.dense.period, border
@@ -274,7 +319,10 @@ class TiledPredictor:
     # -- one tile ------------------------------------------------------------------------------
 
     def read(self, leading: tuple[int, ...], tile: Tile) -> np.ndarray:
-        """The tile's input window, ``(C, rows, cols)`` float32, checked for NaN/infinity.
+        """The tile's input window, ``(C, rows, cols)``, checked for NaN/infinity.
+
+        In the stored dtype where that is exact on the device (uint8, uint16, int16, float16,
+        float32: :func:`napari_dense._transfer.transfer_dtype`), else float32.
 
         Raises
         ------
@@ -284,46 +332,50 @@ class TiledPredictor:
         """
         rows, cols = self.plan.input_indices(tile)
         try:
-            window = self.source.read_window(leading, rows, cols)
+            window = self.source.read_window(leading, rows, cols, dtype=self._read_dtype)
         except NapariDenseError:
             raise
         except Exception as err:
             raise _unreadable(self.source, leading, rows, cols, err) from err
-        if self.source.array.dtype.kind != "f":
+        if window.dtype.kind != "f":
             return window  # integers hold no NaN
         plane = f" of plane {leading}" if leading else ""
         return handle_non_finite(window, self.non_finite, f"the input of tile {tile.box}{plane}")
 
     def compute(self, window: np.ndarray, tile: Tile) -> np.ndarray:
-        """Probabilities ``(K, h, w)`` of ``tile`` from its input window.
+        """Probabilities ``(K, h, w)`` of ``tile`` from its input window (:meth:`read`).
 
-        A CUDA out-of-memory error splits the tile into lattice-aligned parts and retries, for
-        the rest of the run (logged once); the result is the same.
+        In :attr:`output_dtype`. A CUDA out-of-memory error splits the tile into lattice-aligned
+        parts and retries, for the rest of the run (logged once); the result is the same.
         """
-        x = torch.from_numpy(window)
         if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x = x.to(self.device)
+            pipeline = self._staging()
+            result, _ = pipeline.finish(self._launch(pipeline, window, tile, None))
+            return result
+        x = as_tensor(window).to(self.device)
+        return self._step(x, tile.shape).cpu().numpy()
+
+    def _step(self, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """The tile's result on the device from its window there (splitting on out of memory)."""
         if self._split_side is None:
             try:
-                return self._forward(x, tile.shape)
+                return self._forward(x, shape)
             except torch.OutOfMemoryError:
                 self._split_side = max(self.plan.tile_shape) // 2
                 log.warning("out of memory: splitting tiles into parts of %d px", self._split_side)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        return self._forward_in_parts(x, tile.shape)
+            self._free_cache()  # after the except block: the failed attempt's tensors are gone
+        return self._forward_in_parts(x, shape)
 
-    def _forward_in_parts(self, x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    def _forward_in_parts(self, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         # Parts align to the period, so each part's samples are a lattice of the whole tile's.
         (ph, pw), (sy, sx) = self.dense.patch_size, self.dense.period
+        out_dtype = getattr(torch, self.output_dtype)
         while True:
             assert self._split_side is not None
             part_y = max(self._split_side // sy, 1) * sy
             part_x = max(self._split_side // sx, 1) * sx
-            out = np.empty((self.num_classes, *shape), dtype=np.float32)
             try:
+                out = torch.empty((self.num_classes, *shape), dtype=out_dtype, device=x.device)
                 for y0 in range(0, shape[0], part_y):
                     for x0 in range(0, shape[1], part_x):
                         h, w = min(part_y, shape[0] - y0), min(part_x, shape[1] - x0)
@@ -333,16 +385,18 @@ class TiledPredictor:
                         out[:, y0 : y0 + h, x0 : x0 + w] = self._forward(part, (h, w))
                 return out
             except torch.OutOfMemoryError as err:
-                if self._split_side <= max(sy, sx, 16):
-                    raise NapariDenseError(
-                        "out of memory even for the smallest tiles; free GPU memory, use "
-                        "precision='bfloat16', or run on the CPU (device='cpu')"
-                    ) from err
+                if self._split_side <= max(sy, sx, MIN_TILE):
+                    raise _out_of_memory(f"parts of {self._split_side} px") from err
                 self._split_side //= 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                log.debug("out of memory again: parts of %d px", self._split_side)
+            self._free_cache()
 
-    def _forward(self, x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    def _free_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _forward(self, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """``(K, h, w)`` in :attr:`output_dtype`, on the device, from a window on the device."""
         if self.memory_check is not None:
             self.memory_check((int(x.shape[-2]), int(x.shape[-1])))
         dtype = PRECISIONS[self.precision]
@@ -350,51 +404,137 @@ class TiledPredictor:
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
         ):
-            samples = self._network(self._normalise(x[None]))
+            samples = self._network(self._normalise(to_float32(x, self._stored_dtype)[None]))
         out = upsample_lattice(
             samples.float(), self.dense.output_stride, shape, self.interpolation,
             self.dense.sample_pattern,
         )  # fmt: skip
-        return activate(out, self.setup.activation)[0].cpu().numpy()
+        return to_output(activate(out, self.setup.activation)[0], self.output_dtype)
+
+    # -- the CUDA pipeline ---------------------------------------------------------------------
+
+    def _staging(self) -> TransferPipeline:
+        """The run's buffers and streams (CUDA): made once, again only if a run was abandoned."""
+        pipeline = self._pipeline
+        if pipeline is None or any(slot.busy for slot in pipeline.pool.slots):
+            shape = (self.dense.in_channels, *self.plan.input_shape)
+            dtype = as_tensor(np.empty(0, self._read_dtype)).dtype
+            try:
+                pool = StagingPool(2, shape, dtype, self.device)
+            except torch.OutOfMemoryError as err:
+                raise _out_of_memory(f"{2 * math.prod(shape) * dtype.itemsize} bytes") from err
+            pipeline = self._pipeline = TransferPipeline(pool, CudaBackend(self.device))
+            # Weights and normalisation were copied on the default stream.
+            pipeline.compute.wait_stream(torch.cuda.current_stream(self.device))
+        return pipeline
+
+    def _launch(
+        self, pipeline: TransferPipeline, window: np.ndarray, tile: Tile, context: Any
+    ) -> InFlight:
+        with cuda_settings(self.device, self.precision):  # TF32 off for strict float32
+            return pipeline.launch(window, lambda x: self._step(x, tile.shape), context)
+
+    def warm_up(self) -> float:
+        """Run the network once on the run's window shape (compile, cuDNN autotuning).
+
+        Sets and returns :attr:`first_call_seconds`: 0.0 off CUDA without compilation, and for
+        a compiled network that already ran on this shape in this process.
+        """
+        shape = (self.dense.in_channels, *self.plan.input_shape)
+        key = self._compiled_key
+        nothing_to_warm = self.device.type != "cuda" and key is None
+        if nothing_to_warm or (key is not None and is_warm(key, shape)):
+            self.first_call_seconds = 0.0
+            return 0.0
+        start = time.perf_counter()
+        window = np.zeros(shape, dtype=self._read_dtype)
+        self.compute(window, self.plan_tile())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if key is not None:
+            mark_warm(key, shape)
+        self.first_call_seconds = time.perf_counter() - start
+        return self.first_call_seconds
+
+    def plan_tile(self) -> Tile:
+        """A whole tile (the plan's tile shape) at the origin: the warm-up's box."""
+        ty, tx = self.plan.tile_shape
+        return Tile(0, 0, 0, ty, 0, tx)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Streams and pinned buffers stay in their process (a dask worker makes its own).
+        state = self.__dict__.copy()
+        state["_pipeline"] = None
+        return state
 
     # -- many tiles ----------------------------------------------------------------------------
 
     def run(self, tasks: Iterable[tuple[tuple[int, ...], Tile]]) -> Iterator[TileResult]:
-        """Compute ``tasks`` in order, reading each next window while the current one computes."""
+        """Compute ``tasks`` in order, reading the next windows while the current one computes.
+
+        On CUDA two tiles are in flight (the copies of one overlap the compute of the other),
+        after a warm-up call whose time is :attr:`first_call_seconds`; elsewhere one at a time.
+        """
         todo = list(tasks)
         if not todo:
             return
+        cuda = self.device.type == "cuda"
+        depth = 2 if cuda else 1
+        if cuda or self._compiled_key is not None:
+            self.warm_up()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        total = len(todo)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-dense-read") as reader:
 
             def timed_read(leading: tuple[int, ...], tile: Tile) -> tuple[np.ndarray, float]:
                 start = time.perf_counter()
                 return self.read(leading, tile), time.perf_counter() - start
 
-            pending: Future[tuple[np.ndarray, float]] = reader.submit(timed_read, *todo[0])
-            for index, (leading, tile) in enumerate(todo):
-                window, read_seconds = pending.result()
-                if index + 1 < len(todo):
-                    pending = reader.submit(timed_read, *todo[index + 1])
-                if self.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                start = time.perf_counter()
-                probabilities = self.compute(window, tile)
-                seconds = time.perf_counter() - start
-                peak = (
-                    int(torch.cuda.max_memory_allocated(self.device))
-                    if self.device.type == "cuda"
-                    else 0
+            def windows() -> Iterator[tuple[int, tuple[int, ...], Tile, np.ndarray, float]]:
+                # ``depth`` windows read ahead: the next tiles' reads overlap this one's compute.
+                pending: deque[Future[tuple[np.ndarray, float]]] = deque()
+                for index in range(min(depth, total)):
+                    pending.append(reader.submit(timed_read, *todo[index]))
+                for index, (leading, tile) in enumerate(todo):
+                    window, read_seconds = pending.popleft().result()
+                    if index + depth < total:
+                        pending.append(reader.submit(timed_read, *todo[index + depth]))
+                    yield index, tuple(int(i) for i in leading), tile, window, read_seconds
+
+            if not cuda:
+                for index, leading, tile, window, read_seconds in windows():
+                    start = time.perf_counter()
+                    probabilities = self.compute(window, tile)
+                    seconds = time.perf_counter() - start
+                    yield TileResult(
+                        index, total, leading, tile, probabilities, read_seconds, seconds
+                    )
+                return
+
+            pipeline = self._staging()
+
+            def launch(item: tuple[int, tuple[int, ...], Tile, np.ndarray, float]) -> InFlight:
+                index, leading, tile, window, read_seconds = item
+                return self._launch(pipeline, window, tile, (index, leading, tile, read_seconds))
+
+            def finish(flight: InFlight) -> TileResult:
+                probabilities, seconds = pipeline.finish(flight)
+                index, leading, tile, read_seconds = flight.context
+                peak = int(torch.cuda.max_memory_allocated(self.device))
+                return TileResult(
+                    index, total, leading, tile, probabilities, read_seconds, seconds, peak
                 )
-                yield TileResult(
-                    index,
-                    len(todo),
-                    tuple(int(i) for i in leading),
-                    tile,
-                    probabilities,
-                    read_seconds,
-                    seconds,
-                    peak,
-                )
+
+            yield from pipelined(windows(), launch, finish, depth)
+
+
+def _out_of_memory(what: str) -> NapariDenseError:
+    return NapariDenseError(
+        f"out of memory even for the smallest tiles ({what}); free GPU memory (close other GPU "
+        "programs), use precision='bfloat16' (CLI: --precision bfloat16), or run on the CPU "
+        "(device='cpu')"
+    )
 
 
 def _check_tile(tile: int | tuple[int, int]) -> int | tuple[int, int]:
@@ -498,7 +638,7 @@ def iter_predict(
     channel_axis: int | None = None,
     level: int = 0,
     device: str | torch.device = "auto",
-    precision: str = "float32",
+    precision: str = "auto",
     border: str = "reflect",
     interpolation: str = "bilinear",
     tile: int | tuple[int, int] | None = None,
@@ -527,7 +667,9 @@ def iter_predict(
     channel_axis, level
         Channel axis as stored; resolution level of an OME-Zarr/pyramidal TIFF.
     precision
-        ``"float32"``, ``"bfloat16"`` or ``"float16"`` (autocast; the output is float32).
+        ``"auto"`` (bfloat16 on a CUDA GPU that supports it, else float32), ``"float32"``
+        (strict IEEE: TF32 off on CUDA), ``"bfloat16"`` or ``"float16"`` (autocast; the
+        output is float32).
     tile
         Output pixels per tile side (at least :data:`MIN_TILE`); None picks the largest that
         fits ``memory_budget`` bytes.
