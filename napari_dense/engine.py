@@ -174,6 +174,7 @@ def resolve_classifier(
             f"{len(names)} class names given for a model with {dense.num_classes} outputs"
         )
     names = names or tuple(f"class {k}" for k in range(dense.num_classes))
+    provenance["verified"] = dense.plan.as_dict()["verified"]  # the conversion's self-check
     return ClassifierSetup(dense, names, normalisation, activation, provenance)
 
 

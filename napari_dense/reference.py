@@ -60,8 +60,10 @@ def patchwise(
     else:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
         ys, xs = positions[:, 0], positions[:, 1]
-    if isinstance(model, torch.export.ExportedProgram):  # evaluate the program's module
-        model = model.module()
+    if isinstance(model, torch.export.ExportedProgram):
+        from .convert import ExportedModule  # convert imports much more
+
+        model = ExportedModule(model)  # any batch size, though exported with a fixed one
     was_training = getattr(model, "training", False)
     _set_training(model, False)
     outputs = []

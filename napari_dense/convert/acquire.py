@@ -41,14 +41,48 @@ def _infer_in_channels(module: nn.Module) -> int:
             return int(layer.in_channels)
     raise UnsupportedLayerError(
         f"cannot tell how many input channels {type(module).__name__} expects (no Conv2d found); "
-        "pass in_channels=..."
+        "give them: densify/explain(in_channels=...), or in_channels in the model's sidecar"
     )
 
 
-def _graph_of(model: Classifier) -> _Graph:
-    """Step 1: the model's graph, on private copies of its parameters."""
+def _check_dtype(model: nn.Module | ExportedProgram) -> None:
+    """Dense networks run float32 (reduced precision is an inference option, not a model's)."""
+    tensors = (
+        list(model.state_dict.values())
+        if isinstance(model, ExportedProgram)
+        else [*model.parameters(), *model.buffers()]
+    )
+    dtypes = {t.dtype for t in tensors if t.is_floating_point() and t.dtype != torch.float32}
+    if dtypes:
+        raise InputError(
+            f"the model's weights are {', '.join(sorted(str(d) for d in dtypes))}, not float32: "
+            "convert model.float() (run in reduced precision with precision='bfloat16' or "
+            "'float16' at inference)"
+        )
+
+
+def _needs_export(model: nn.Module) -> str | None:
+    """Why torch.fx would not trace ``model`` faithfully (hooks it drops), or None."""
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"module '{name or type(model).__name__}' has forward hooks"
+    return None
+
+
+def _graph_of(
+    model: Classifier, patch: Pair | None = None, in_channels: int | None = None
+) -> _Graph:
+    """Step 1: the model's graph, on private copies of its parameters.
+
+    Modules are traced with torch.fx (milliseconds). Those fx cannot trace faithfully (forward
+    hooks and pre-hooks, parametrisations that cannot be copied, shape assertions and other
+    Python that fx cannot follow) are exported with torch.export instead when the patch size is
+    known (``patch``): it records hooks, functional calls and assertions as they run.
+    """
     if isinstance(model, ExportedModule):
         model = model.exported_program
+    if isinstance(model, ExportedProgram):
+        _check_dtype(model)
     if isinstance(model, ExportedProgram) or _is_exported_module(model):
         return _exported_graph(model)
     if not isinstance(model, nn.Module):
@@ -56,16 +90,52 @@ def _graph_of(model: Classifier) -> _Graph:
             "model must be a torch.nn.Module or a torch.export.ExportedProgram, got "
             f"{type(model).__name__}"
         )
-    # Never touch the caller's model: trace a copy, in eval mode (BatchNorm statistics, no dropout).
-    model = copy.deepcopy(model).eval()
+    _check_dtype(model)
+    reason = _needs_export(model)
+    error: Exception | None = None
+    if reason is None:
+        try:
+            # Never touch the caller's model: trace a copy, in eval mode (BatchNorm statistics,
+            # no dropout).
+            return _Graph(fx.symbolic_trace(copy.deepcopy(model).eval()))
+        except Exception as err:
+            reason, error = f"torch.fx cannot trace it ({_first_line(err)})", err
+    if patch is None:
+        raise UnsupportedLayerError(
+            f"{type(model).__name__}: {reason}; give the patch size to convert it with torch.export"
+        ) from error
+    channels = in_channels if in_channels is not None else _infer_in_channels(model)
+    return _export(model, patch, channels, reason)
+
+
+def _export(model: nn.Module, patch: Pair, channels: int, reason: str) -> _Graph:
+    """``model`` exported with torch.export in eval mode (its modes are restored)."""
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        return _Graph(fx.symbolic_trace(model))
+        model.eval()
+        example = torch.zeros(2, channels, *patch, device=_device_of(model))
+        program = torch.export.export(model, (example,))
     except Exception as err:
         raise UnsupportedLayerError(
-            f"torch.fx cannot trace {type(model).__name__}: {err}. Hint: remove Python control "
-            "flow that depends on tensor values from forward(), or mark the offending submodule "
-            "as a leaf."
+            f"cannot convert {type(model).__name__}: {reason}, and torch.export fails too "
+            f"({_first_line(err)}). Hint: remove Python control flow that depends on tensor "
+            "values from forward()"
         ) from err
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return _exported_graph(program)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _is_exported_module(model: object) -> bool:
@@ -148,12 +218,11 @@ class ExportedModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
-            if x.shape[0] % self.fixed_batch:
-                raise InputError(
-                    f"the program was exported for batches of {self.fixed_batch}, got "
-                    f"{x.shape[0]}; export it with a dynamic batch (torch.export.Dim)"
-                )
-            return torch.cat([self(chunk) for chunk in x.split(self.fixed_batch)])
+            count = x.shape[0]
+            if count % self.fixed_batch:  # pad the last batch (patches are independent)
+                fill = x.new_zeros((self.fixed_batch - count % self.fixed_batch, *x.shape[1:]))
+                x = torch.cat([x, fill])
+            return torch.cat([self(chunk) for chunk in x.split(self.fixed_batch)])[:count]
         out = self.network(x)
         return out[0] if isinstance(out, tuple | list) and len(out) == 1 else out
 

@@ -15,12 +15,18 @@ from .. import _ops
 from ..errors import PatchSizeError, UnsupportedLayerError
 from ..geometry import Lattice, sample_grid
 from .acquire import _is_guard
+from .local import _LocalOps
 from .optable import (
+    _ATEN_SLICE,
     _ELEMENTWISE_FUNCTIONS,
     _ELEMENTWISE_METHODS,
     _ELEMENTWISE_MODULES,
     _IDENTITY_FUNCTIONS,
     _IDENTITY_MODULES,
+    _PER_PIXEL_ATEN,
+    _PER_PIXEL_FUNCTIONS,
+    _PER_PIXEL_METHODS,
+    _PER_PIXEL_MODULES,
     _REDUCE_FUNCTIONS,
     _REDUCE_METHODS,
     _RESHAPE_METHODS,
@@ -37,7 +43,7 @@ from .spatial import _SpatialOps
 from .state import _env_or_none, _fetch_attr
 
 
-class _DenseGraphBuilder(_SpatialOps, _PointwiseOps):
+class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
     """One pass over the traced graph, emitting the dense network's graph."""
 
     def build(self) -> fx.Graph:
@@ -47,7 +53,7 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps):
                 self._placeholder(node)
             elif node.op == "output":
                 self._output(node)
-            elif _is_guard(node) or _aten_equivalent(node.target) == "check":
+            elif _is_guard(node) or _is_check(node):
                 # Shape guards and assertions of an exported program hold for the patch network,
                 # not the dense one; they compute nothing, so they are left out.
                 if node.users:
@@ -181,13 +187,20 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps):
             self._softmax(node, x, module.dim, _SOFTMAX_MODULES[type(module)])
         elif isinstance(module, _ELEMENTWISE_MODULES):
             self._elementwise(node)
+        elif type(module) in _PER_PIXEL_MODULES:
+            attr = _PER_PIXEL_MODULES[type(module)]
+            self._per_pixel(node, x, getattr(module, attr) if attr else 1)
         else:
             raise self._unsupported(node)
 
     def _call_function(self, node: fx.Node) -> None:
         target = node.target
         equivalent = _aten_equivalent(target)
-        if equivalent is not None:
+        if target in _PER_PIXEL_ATEN:
+            self._per_pixel(node, node.args[0], _dim_of(node, *_PER_PIXEL_ATEN[target]))
+        elif target in _ATEN_SLICE:
+            self._aten_slice(node, node.args[0], self._normalized(node))
+        elif equivalent is not None:
             self._call_aten(node, equivalent)
         elif isinstance(target, OpOverload):
             raise self._unsupported(
@@ -197,6 +210,12 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps):
             )
         elif target is operator.getitem and _is_multi_output(node.args[0]):
             self._multi_output_item(node, node.args[0], node.args[1])
+        elif target is operator.getitem and node.args[0] in self.tuples:
+            self._tuple_item(node, node.args[0])
+        elif target is operator.getitem:
+            self._getitem(node, node.args[0], node.args[1])
+        elif target in _PER_PIXEL_FUNCTIONS:
+            self._per_pixel(node, node.args[0], _dim_of(node, *_PER_PIXEL_FUNCTIONS[target]))
         elif target in _ELEMENTWISE_FUNCTIONS:
             self._elementwise(node)
         elif target in _IDENTITY_FUNCTIONS:
@@ -204,8 +223,6 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps):
         elif target is getattr and node.args[1] in ("shape",):
             self._copy(node)
             self.spatial_size_reads.append(node)
-        elif target is operator.getitem:
-            raise self._unsupported(node, "indexing or slicing a feature map is not supported.")
         elif target in (torch.cat, torch.concat):
             self._cat(node)
         elif target is torch.flatten:
@@ -339,6 +356,8 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps):
         elif method in ("softmax", "log_softmax"):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             self._softmax(node, x, dim, F.softmax if method == "softmax" else F.log_softmax)
+        elif method in _PER_PIXEL_METHODS:
+            self._per_pixel(node, x, _dim_of(node, *_PER_PIXEL_METHODS[method]))
         elif method in _REDUCE_METHODS:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             self._reduce(node, x, _REDUCE_METHODS[method], dim, node.kwargs.get("keepdim", False))
@@ -346,3 +365,16 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps):
             raise self._unsupported(node)
 
     # -- layers that move over space ---------------------------------------------------------
+
+
+def _dim_of(node: fx.Node, position: int, name: str, default: int | None) -> Any:
+    """The ``dim`` argument of a call (by position or name), or its default."""
+    dim = node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+    if isinstance(dim, list | tuple) and len(dim) == 1:
+        return dim[0]
+    return dim
+
+
+def _is_check(node: fx.Node) -> bool:
+    """A shape assertion (``torch._assert``, aten checks): true of the patch network only."""
+    return node.target is torch._assert or _aten_equivalent(node.target) == "check"

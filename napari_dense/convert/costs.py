@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import _ops
+from ..errors import UnsupportedLayerError
 from ..geometry import sample_grid
 from ..plan import SAMPLINGS, DensePlan, SamplingCost
 from .builder import _DenseGraphBuilder
@@ -89,7 +90,9 @@ def _relu_in_place(network: fx.GraphModule) -> None:
 def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
     """Fill in each striding layer's costs for every sampling, the others sampled as in ``plan``.
 
-    Layers tied by a join (their branches must share a lattice) are flipped together.
+    Layers tied by a join (their branches must share a lattice) are flipped together. A
+    sampling the network does not support (a join of branches it would sample differently)
+    has no entry in ``costs``.
     """
     layers = []
     for layer in plan.layers:
@@ -98,12 +101,20 @@ def _plan_with_costs(traced: _Traced, plan: DensePlan) -> DensePlan:
         for choice in SAMPLINGS:
             # Only the costs are needed: the graph is built, never compiled into a module.
             builder = _DenseGraphBuilder(traced, {**plan.sampling, **dict.fromkeys(group, choice)})
-            builder.build()
+            try:
+                builder.build()
+            except UnsupportedLayerError:
+                if choice == layer.sampling:
+                    raise
+                continue
             variants[choice] = _plan_of(builder)
         costs = tuple(
             SamplingCost(choice, v.density, v.macs_per_pixel, v.bytes_per_megapixel)
             for choice, v in variants.items()  # SAMPLINGS order: cheapest first
         )
+        fallback = variants[layer.sampling]
+        variants.setdefault("all", fallback)
+        variants.setdefault("none", fallback)
         layers.append(
             replace(
                 layer,

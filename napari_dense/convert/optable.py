@@ -76,6 +76,13 @@ _ELEMENTWISE_FUNCTIONS: set[Callable[..., Any]] = {
     F.logsigmoid,
     F.threshold,
 }
+_ELEMENTWISE_FUNCTIONS |= {
+    torch.where, torch.erf, torch.special.erf, torch.clone, torch.rsqrt, torch.reciprocal,
+    torch.sign, torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne, torch.logical_not,
+    torch.logical_and, torch.logical_or, torch.pow, operator.gt, operator.ge, operator.lt,
+    operator.le, operator.eq, operator.ne, operator.and_, operator.or_, operator.invert,
+    torch.erfc, torch.log1p, torch.expm1, torch.floor, torch.ceil, torch.round, F.elu,
+}  # fmt: skip
 _IDENTITY_FUNCTIONS: set[Callable[..., Any]] = {
     F.dropout,
     F.dropout1d,
@@ -86,7 +93,9 @@ _IDENTITY_FUNCTIONS: set[Callable[..., Any]] = {
 _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "neg", "pow", "relu", "sigmoid", "tanh", "exp", "log", "abs",
     "clamp", "clamp_min", "clamp_max", "sqrt", "square", "maximum", "minimum", "contiguous",
-    "float", "add_", "mul_", "relu_", "sigmoid_", "clamp_", "__add__", "__mul__",
+    "float", "add_", "mul_", "relu_", "sigmoid_", "clamp_", "__add__", "__mul__", "clone",
+    "to", "type_as", "detach", "erf", "gt", "ge", "lt", "le", "eq", "ne", "where", "rsqrt",
+    "reciprocal", "sign", "masked_fill", "logical_not", "__and__", "__or__", "sub_", "div_",
 }  # fmt: skip
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _SOFTMAX_FUNCTIONS: set[Callable[..., Any]] = {
@@ -230,3 +239,56 @@ def _is_multi_output(node: Any) -> bool:
         and node.op == "call_function"
         and (node.target in _ATEN_MULTI_OUTPUT)
     )
+
+
+# Python signatures of functionals whose aten schema fx cannot match unambiguously
+# (F.conv2d: padding is an int list or a string).
+_SIGNATURES: dict[Any, tuple[str, ...]] = {
+    F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.max_pool2d: (
+        "input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices",
+    ),
+    F.avg_pool2d: (
+        "input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+        "divisor_override",
+    ),
+    F.linear: ("input", "weight", "bias"),
+    F.batch_norm: (
+        "input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps",
+    ),
+    F.adaptive_avg_pool2d: ("input", "output_size"),
+    F.adaptive_max_pool2d: ("input", "output_size", "return_indices"),
+}  # fmt: skip
+
+
+# Per pixel over channels: module types (the channel dim read from the module, or always 1)
+# and functions / methods with where their ``dim`` argument sits (position, name, default).
+_PER_PIXEL_MODULES: dict[type[nn.Module], str | None] = {
+    nn.LocalResponseNorm: None, nn.Softmax2d: None, nn.ChannelShuffle: None, nn.GLU: "dim",
+}  # fmt: skip
+_PER_PIXEL_FUNCTIONS: dict[Any, tuple[int, str, int | None]] = {
+    F.normalize: (2, "dim", 1),
+    F.local_response_norm: (99, "dim", 1),
+    F.glu: (1, "dim", -1),
+    torch.chunk: (2, "dim", 0),
+    torch.split: (2, "dim", 0),
+    torch.logsumexp: (1, "dim", None),
+}
+_PER_PIXEL_METHODS: dict[str, tuple[int, str, int | None]] = {
+    "chunk": (2, "dim", 0),
+    "split": (2, "dim", 0),
+    "logsumexp": (1, "dim", None),
+    "amin": (1, "dim", None),
+    "norm": (2, "dim", None),
+}
+_PER_PIXEL_ATEN = (
+    dict.fromkeys(
+        _aten_ops("split.Tensor", "chunk.default", "split_with_sizes.default"), (2, "dim", 0)
+    )
+    | dict.fromkeys(_aten_ops("glu.default"), (1, "dim", -1))
+    | dict.fromkeys(
+        _aten_ops("linalg_vector_norm.default", "logsumexp.default", "amin.default"),
+        (2, "dim", None),
+    )
+)
+_ATEN_SLICE = set(_aten_ops("slice.Tensor"))

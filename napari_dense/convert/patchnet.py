@@ -12,7 +12,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import PatchSizeError
 from ..geometry import Pair, pair
-from .acquire import Classifier, _check_exported_shape, _Graph, _graph_of, _infer_in_channels
+from .acquire import (
+    Classifier,
+    _check_exported_shape,
+    _device_of,
+    _Graph,
+    _graph_of,
+    _infer_in_channels,
+)
 from .optable import _ATEN_MULTI_OUTPUT
 
 
@@ -30,15 +37,27 @@ def _trace(
     patch = pair(patch_size, "patch_size")
     if min(patch) < 1:
         raise PatchSizeError(f"patch_size must be positive, got {patch_size!r}")
-    graph = _graph_of(model)
+    graph = _graph_of(model, patch, in_channels)
     traced = graph.module
-    channels = in_channels if in_channels is not None else _graph_in_channels(graph)
+    channels = in_channels
+    if channels is None:
+        channels = _input_channels(graph, patch, _graph_in_channels(graph))
     _check_exported_shape(graph, patch, channels)
-    example = torch.zeros(graph.example_batch, channels, *patch)
+    # Two patches where the graph allows it: what mixes the batch (squeeze(), view(-1, F)) is
+    # then seen as the patch network does it per patch.
+    batches = (graph.example_batch,) if graph.exported_shape else (2, 1)
     try:
+        for i, batch in enumerate(batches):
+            example = torch.zeros(batch, channels, *patch, device=_device_of(traced))
+            try:
+                with torch.no_grad():
+                    traced(example)  # first plainly: ShapeProp prints a traceback on failure
+                    break
+            except Exception:
+                if i == len(batches) - 1:
+                    raise
         with torch.no_grad():
-            traced(example)  # first plainly: ShapeProp prints a traceback when the patch fails
-            ShapeProp(traced).propagate(example)
+            _PatchProp(traced).propagate(example)
     except Exception as err:
         cause = _root_cause(err)
         raise PatchSizeError(
@@ -51,10 +70,36 @@ def _trace(
     if shape is None or not (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))):
         raise PatchSizeError(
             f"the head must reduce the {patch[0]}x{patch[1]} patch to one vector of class scores "
-            f"(N, K) or (N, K, 1, 1), but the model returns {shape if shape else type(result)}. "
+            "(N, K) or (N, K, 1, 1), but the model returns "
+            f"{_batched(shape) if shape else type(result)}. "
             f"{_accepted_patch_sizes_hint(graph, channels)}"
         )
     return _Traced(traced, patch, channels, shape[1])
+
+
+class _PatchProp(ShapeProp):
+    """ShapeProp that also keeps every non-tensor value of the patch network (sizes read)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if not isinstance(result, torch.Tensor):
+            n.meta["patch_value"] = result
+        return result
+
+
+def _input_channels(graph: _Graph, patch: Pair, guess: int) -> int:
+    """The channels the graph's input takes: ``guess`` (the first Conv2d's) when the graph
+    accepts it, else the fewest it accepts (a model may add channels itself, e.g. coordinates).
+    """
+    device = _device_of(graph.module)
+    for channels in (guess, *range(1, 65)):
+        try:
+            with torch.no_grad():
+                graph.module(torch.zeros(graph.example_batch, channels, *patch, device=device))
+            return channels
+        except Exception:
+            continue
+    return guess
 
 
 def _graph_in_channels(graph: _Graph) -> int:
@@ -146,3 +191,8 @@ def _ranges(values: list[int]) -> str:
             parts.append(str(start) if start == prev else f"{start}-{prev}")
             start = cur if cur is not None else start
     return ", ".join(parts)
+
+
+def _batched(shape: tuple[int, ...]) -> str:
+    """``(N, 113, 2, 2)``: a patch-network shape with its batch dimension named."""
+    return "(" + ", ".join(["N", *(str(d) for d in shape[1:])]) + ")"

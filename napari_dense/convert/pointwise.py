@@ -21,11 +21,12 @@ class _PointwiseOps(_BuilderState):
 
     def _elementwise(self, node: fx.Node) -> None:
         dense_args = [a for a in node.all_input_nodes if a in self.lattice]
-        lattice = self._joined_lattice(node, dense_args)
+        self._check_local(node, dense_args)
+        lattice, joined = self._join(node, dense_args)
         env = dict(self.env)
         if len(dense_args) > 1:
             aligned = self.graph.call_function(
-                _ops.align_spatial, tuple(self.env[a] for a in dense_args)
+                _ops.align_spatial, tuple(joined[a] for a in dense_args)
             )
             for i, arg in enumerate(dense_args):
                 env[arg] = self.graph.call_function(operator.getitem, (aligned, i))
@@ -40,6 +41,22 @@ class _PointwiseOps(_BuilderState):
         self.lattice[node] = lattice
         self.receptive[node] = _max_pair(self.receptive[a] for a in dense_args)
 
+    def _check_local(self, node: fx.Node, dense_args: list[fx.Node]) -> None:
+        """The locality rule of pointwise ops: every operand that depends on the image has the
+        output's shape in the patch network. A per-patch global value (a pooled vector)
+        broadcast over a map is not local: each dense position belongs to many patches."""
+        out = _shape(node)
+        for arg in dense_args:
+            shape = _shape(arg)
+            if out is None or shape is None or len(shape) != len(out) or shape[2:] != out[2:]:
+                raise self._unsupported(
+                    node,
+                    f"it broadcasts '{arg.name}' {tuple(shape or ())} of the patch network over "
+                    f"{tuple(out or ())}: a per-patch global value (a pooled vector, as in "
+                    "squeeze-and-excitation) feeding back into a spatial map has no dense "
+                    "equivalent. Hint: apply it after the global pooling, or use a local op.",
+                )
+
     def _broadcastable(self, node: fx.Node, arg: fx.Node, *, vector: bool, lattice: Lattice) -> Any:
         """A constant operand of an elementwise op, made to broadcast over dense tensors.
 
@@ -53,7 +70,7 @@ class _PointwiseOps(_BuilderState):
             raise self._unsupported(node, "it combines a flattened feature map with a tensor.")
         if vector:
             return self.graph.call_method("reshape", (self.env[arg], (*shape, 1, 1)))
-        if len(shape) >= 2 and shape[-2:] != (1, 1):
+        if (1, 1, *shape)[-2:] != (1, 1):  # right-aligned against (N, C, h, w)
             raise self._unsupported(
                 node,
                 f"it combines a feature map with a constant of spatial shape {shape[-2:]}, "
@@ -75,6 +92,13 @@ class _PointwiseOps(_BuilderState):
             ]
             eps = source.eps
         else:
+            if source.get("training"):
+                raise self._unsupported(
+                    node,
+                    "batch_norm(training=True) normalises with the statistics of the batch, "
+                    "which differ per patch. Hint: pass training=self.training, and convert "
+                    "in eval mode.",
+                )
             args = [_env_or_none(self.env, source.get(key)) for key in keys]
             eps = source.get("eps", 1e-5)
         if args[0] is None or args[1] is None:
@@ -94,6 +118,13 @@ class _PointwiseOps(_BuilderState):
         shape = _shape(x)
         if dim is None or shape is None or dim % len(shape) != 1:
             raise self._unsupported(node, "softmax must run over the class dimension (dim=1).")
+        if self.lattice[x].flattened is not None:
+            raise self._unsupported(
+                node,
+                "it takes the softmax over a flattened feature map (over positions and "
+                "channels); its dense form would run over channels only. Hint: apply the "
+                "softmax to the class scores.",
+            )
         # The class dimension is 1 in the dense tensor (N, K, H, W), whatever it was in (N, K).
         self.env[node] = self.graph.call_function(function, (self.env[x],), {"dim": 1})
         self._same_lattice(node, x)
@@ -107,10 +138,10 @@ class _PointwiseOps(_BuilderState):
         dense = [t for t in tensors if t in self.lattice]
         if len(dense) != len(tensors):
             raise self._unsupported(node, "it concatenates a feature map with a constant.")
-        lattice = self._joined_lattice(node, dense)
+        lattice, joined = self._join(node, dense)
         if lattice.flattened is not None:
             raise self._unsupported(node, "it concatenates flattened feature maps.")
-        self.env[node] = self.graph.call_function(_ops.crop_cat, ([self.env[t] for t in dense], 1))
+        self.env[node] = self.graph.call_function(_ops.crop_cat, ([joined[t] for t in dense], 1))
         self.lattice[node] = lattice
         self.receptive[node] = _max_pair(self.receptive[t] for t in dense)
 
@@ -120,10 +151,16 @@ class _PointwiseOps(_BuilderState):
         lattice = self.lattice[x]
         if before is None or after is None:
             raise self._unsupported(node)
+        if len(after) < 2 or len(before) < 2 or after[0] != before[0]:
+            raise self._unsupported(
+                node,
+                f"it reshapes {tuple(before)} to {tuple(after)}, changing the batch dimension. "
+                "Hint: keep it, e.g. torch.flatten(x, 1) or x.view(x.size(0), -1).",
+            )
         if len(before) == 4 and len(after) == 2 and after[1] == before[1] * before[2] * before[3]:
             flattened = before[1:] if before[2:] != (1, 1) else None
             self.lattice[node] = replace(lattice, flattened=flattened)
-        elif before[1:] in ((after[1],), (after[1], 1, 1)) and after[2:] in ((), (1, 1)):
+        elif before[1] == after[1] and set(before[2:]) <= {1} and set(after[2:]) <= {1}:
             self.lattice[node] = lattice  # (N, K) <-> (N, K, 1, 1): same dense tensor
         else:
             raise self._unsupported(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import pairwise
 from typing import Any
 
 import torch
 from torch import fx
 
 from .. import _ops
+from ..errors import UnsupportedLayerError
 from ..geometry import Lattice, Pair, checkered_phases, pair
 from ..plan import StridingLayer
 from .optable import _ATEN_PERMUTE, _ATEN_TRANSPOSES, _flat
@@ -116,7 +118,8 @@ class _SpatialOps(_BuilderState):
         op: str,
         name: str,
     ) -> None:
-        kernel, dilation = pair(kernel), pair(dilation)
+        kernel, stride, padding = _static(kernel), _static(stride), _static(padding)
+        kernel, dilation = pair(kernel), pair(_static(dilation))
         stride = pair(stride if stride not in (None, (), []) else kernel)
         pad = _padding4(padding, kernel, dilation, node, self)
         if ceil_mode:
@@ -136,6 +139,16 @@ class _SpatialOps(_BuilderState):
             ]
             if tuple(floor) != out_shape[2:]:
                 self._mark_inexact(f"{name}: ceil_mode pooling reads a partial window")
+                # The partial window reads past the map: pad its end so the dense map keeps one
+                # output per patch ((K, H, W) stays whole; the border values are not exact).
+                extra = [
+                    (out_shape[2 + a] - 1) * stride[a]
+                    + (kernel[a] - 1) * dilation[a]
+                    + 1
+                    - (in_shape[2 + a] + pad[2 - 2 * a] + pad[3 - 2 * a])
+                    for a in (0, 1)
+                ]
+                pad = (pad[0], pad[1] + max(0, extra[1]), pad[2], pad[3] + max(0, extra[0]))
         count = None if divisor is None else float(divisor)
         self._spatial(
             node,
@@ -159,19 +172,21 @@ class _SpatialOps(_BuilderState):
         in_shape, out_shape = _shape(x), _shape(node)
         assert in_shape is not None and out_shape is not None
         size_in, size_out = in_shape[2:], out_shape[2:]
-        if any(i % o for i, o in zip(size_in, size_out, strict=True)):
+        regular = [_regular_windows(i, o) for i, o in zip(size_in, size_out, strict=True)]
+        if None in regular:
             raise self._unsupported(
                 node,
-                f"adaptive pooling of a {size_in} map to {size_out} has uneven windows. "
-                "Hint: choose a patch size at which the map divides evenly, or pool to 1x1.",
+                f"adaptive pooling of a {size_in} map to {size_out} has windows of different "
+                "sizes. Hint: choose a patch size at which the windows are alike, or pool to 1x1.",
             )
-        window = (size_in[0] // size_out[0], size_in[1] // size_out[1])
+        window = (regular[0][0], regular[1][0])  # type: ignore[index]
+        step = (regular[0][1], regular[1][1])  # type: ignore[index]
         self._pool(
             node,
             x,
             kind,
             window,
-            window,
+            step,
             0,
             1,
             False,
@@ -184,6 +199,13 @@ class _SpatialOps(_BuilderState):
         """mean / amax / sum over both spatial axes: a global pooling head."""
         in_shape = _shape(x)
         dims = dim if isinstance(dim, list | tuple) else [dim]
+        if in_shape is not None and None not in dims and {d % len(in_shape) for d in dims} == {1}:
+            if len(in_shape) == 4 and not keepdim:
+                raise self._unsupported(
+                    node, "a reduction over channels drops dim 1. Hint: pass keepdim=True."
+                )
+            self._per_pixel(node, x, 1)  # type: ignore[attr-defined]
+            return
         if (
             in_shape is None
             or len(in_shape) != 4
@@ -317,3 +339,32 @@ class _SpatialOps(_BuilderState):
         self.costs.macs_per_patch += macs
 
     # -- layers that act per position ---------------------------------------------------------
+
+
+def _static(value: Any) -> Any:
+    """A layer argument as the patch network computed it (``x.size()[2:]`` -> ``(h, w)``)."""
+    if isinstance(value, fx.Node):
+        if "patch_value" not in value.meta:
+            raise UnsupportedLayerError(
+                f"cannot densify: argument '{value.name}' of a layer is a tensor, not a size"
+            )
+        return _static(value.meta["patch_value"])
+    if isinstance(value, list | tuple | torch.Size):
+        return (
+            type(value)(_static(v) for v in value)
+            if not isinstance(value, torch.Size)
+            else (tuple(int(v) for v in value))
+        )
+    return value
+
+
+def _regular_windows(size_in: int, size_out: int) -> tuple[int, int] | None:
+    """``(kernel, stride)`` when adaptive pooling of ``size_in`` to ``size_out`` is a regular
+    pool (its windows ``[floor(i n / m), ceil((i + 1) n / m))`` alike and evenly spaced)."""
+    starts = [(i * size_in) // size_out for i in range(size_out)]
+    ends = [-(-((i + 1) * size_in) // size_out) for i in range(size_out)]
+    sizes = {e - s for s, e in zip(starts, ends, strict=True)}
+    steps = {b - a for a, b in pairwise(starts)} or {1}
+    if len(sizes) != 1 or len(steps) != 1:
+        return None
+    return sizes.pop(), steps.pop()

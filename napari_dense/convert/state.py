@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import collections
+import operator
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import fx, nn
@@ -13,7 +14,7 @@ from torch._ops import OpOverload
 from ..errors import UnsupportedLayerError
 from ..geometry import Lattice, Pair, pair
 from ..plan import SAMPLINGS, Sampling, StridingLayer
-from .optable import _LAYER_MODULES, _PHASES, _SUPPORTED, _aten_equivalent
+from .optable import _LAYER_MODULES, _PHASES, _SIGNATURES, _SUPPORTED, _aten_equivalent
 from .patchnet import _shape, _Traced
 
 SamplingSpec = str | Mapping[str, str]
@@ -43,6 +44,7 @@ class _BuilderState:
         self.receptive: dict[fx.Node, Pair] = {}
         self.attrs: dict[str, Any] = {}  # attributes the dense graph reads (shared, not copied)
         self.layers: list[StridingLayer] = []
+        self.tuples: set[fx.Node] = set()  # nodes holding a tuple of maps (chunk, split)
         # Total stride of each striding layer's input (which of its phases a pixel falls in).
         self.layer_input_stride: dict[str, Pair] = {}
         self.inexact: list[str] = []
@@ -66,9 +68,43 @@ class _BuilderState:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _join(self, node: fx.Node, branches: list[fx.Node]) -> tuple[Lattice, dict[fx.Node, Any]]:
+        """The common lattice of joined branches and each branch's dense tensor on it.
+
+        One vector per patch on lattices of different steps (pooled heads of several depths,
+        one below a layer kept strided) meet on the coarsest: the finer ones are subsampled.
+        """
+        env = {b: self.env[b] for b in branches}
+        lattices = [self.lattice[b] for b in branches]
+        coarse = _max_pair(lat.step for lat in lattices)
+        if (
+            len(set(lattices)) > 1
+            and all(_is_point(b) for b in branches)
+            and len({(lat.checkered, lat.phases) for lat in lattices}) == 1
+            and all(coarse[a] % lat.step[a] == 0 for lat in lattices for a in (0, 1))
+        ):
+            for b, lat in zip(branches, lattices, strict=True):
+                if lat.step != coarse:
+                    ky, kx = coarse[0] // lat.step[0], coarse[1] // lat.step[1]
+                    every = (slice(None), slice(None), slice(None, None, ky), slice(None, None, kx))
+                    env[b] = self.graph.call_function(operator.getitem, (env[b], every))
+            lattices = [replace(lat, step=coarse) for lat in lattices]
+        saved = {b: self.lattice[b] for b in branches}
+        self.lattice.update(zip(branches, lattices, strict=True))
+        try:
+            return self._joined_lattice(node, branches), env
+        finally:
+            self.lattice.update(saved)
+
     def _joined_lattice(self, node: fx.Node, branches: list[fx.Node]) -> Lattice:
-        """The common lattice of joined branches (they must be sampled alike)."""
+        """The common lattice of joined branches (they must be sampled alike).
+
+        Branches that are one vector per patch (1×1 in the patch network: pooled heads of
+        several depths) meet whatever their dilation: no later kernel reads a neighbour.
+        """
         lattices = {self.lattice[b] for b in branches}
+        if len(lattices) > 1 and all(_is_point(b) for b in branches):
+            lattices = {replace(lat, dilation=(1, 1)) for lat in lattices}
         if len(lattices) > 1:
             sampled = {layer.name: layer.sampling for layer in self.layers}
             described = "; ".join(
@@ -102,9 +138,17 @@ class _BuilderState:
         return self.graph.get_attr(target)
 
     def _normalized(self, node: fx.Node) -> dict[str, Any]:
-        normalized = node.normalized_arguments(
-            self.traced.module, normalize_to_only_use_kwargs=True
-        )
+        """The node's arguments by name (functionals whose schema fx finds ambiguous, such as
+        ``F.conv2d``, are bound by their documented Python signature)."""
+        names = _SIGNATURES.get(node.target) if node.op == "call_function" else None
+        if names is not None and len(node.args) <= len(names):
+            return {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+        try:
+            normalized = node.normalized_arguments(
+                self.traced.module, normalize_to_only_use_kwargs=True
+            )
+        except Exception:
+            normalized = None
         if normalized is None:
             raise self._unsupported(node, "its arguments could not be read; pass them by name.")
         return dict(normalized.kwargs)
@@ -242,6 +286,12 @@ def _fetch_attr(module: nn.Module, target: str) -> Any:
 
 def _env_or_none(env: dict[fx.Node, Any], value: Any) -> Any:
     return env[value] if isinstance(value, fx.Node) else value
+
+
+def _is_point(node: fx.Node) -> bool:
+    """Whether the patch network holds one vector per patch here ((N, F) or (N, C, 1, 1))."""
+    shape = _shape(node)
+    return shape is not None and (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1)))
 
 
 def _is_vector(node: fx.Node) -> bool:

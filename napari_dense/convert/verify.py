@@ -24,7 +24,7 @@ from ..dense import DenseClassifier
 from ..errors import NapariDenseError
 from ..geometry import Lattice, Pair
 from ..plan import Verification
-from .acquire import Classifier, ExportedModule
+from .acquire import Classifier, ExportedModule, _device_of
 from .builder import _DenseGraphBuilder
 from .patchnet import _graph_output, _Traced
 
@@ -35,6 +35,7 @@ RELATIVE_TOLERANCE = 1e-4
 _BATCH = 2
 _MIN_POSITIONS = 12  # over the whole batch, on top of the phase cover
 _SEED = 20171
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class ConversionError(NapariDenseError, RuntimeError):
@@ -98,7 +99,7 @@ def certify(
     tolerance = RELATIVE_TOLERANCE * max(1.0, scale)
     deviation = _deviation(computed, reference)
     verification = Verification(
-        max_abs_diff=float(deviation.max()),
+        max_abs_diff=min(float(deviation.max()), _FLOAT32_MAX),  # finite: provenance is JSON
         tolerance=tolerance,
         scale=scale,
         positions=len(positions),
@@ -181,12 +182,6 @@ def _computed(pattern: Sequence[Sequence[bool]] | None, rows: int, cols: int) ->
     tile = np.array(pattern, dtype=bool)
     reps = (-(-rows // tile.shape[0]), -(-cols // tile.shape[1]))
     return np.tile(tile, reps)[:rows, :cols]
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _run_model(model: Classifier, traced: _Traced, patches: torch.Tensor) -> torch.Tensor:
