@@ -51,7 +51,7 @@ from .device import (
 from .errors import InputError, NapariDenseError
 from .input_checks import check_non_finite_policy, check_value_range, handle_non_finite
 from .predict import sampling_of_mode
-from .sources import ImageSource, open_image
+from .sources import ImageSource, open_image, unreadable_error
 from .tiling import Tile, TilePlan, plan_tiles
 from .upsample import activate, upsample_lattice
 
@@ -337,7 +337,12 @@ class TiledPredictor:
         except NapariDenseError:
             raise
         except Exception as err:
-            raise _unreadable(self.source, leading, rows, cols, err) from err
+            valid_rows, valid_cols = rows[rows >= 0], cols[cols >= 0]
+            box = (
+                int(valid_rows.min()), int(valid_rows.max()) + 1,
+                int(valid_cols.min()), int(valid_cols.max()) + 1,
+            )  # fmt: skip
+            raise unreadable_error(self.source.array, leading, box, self.source.path, err) from err
         if window.dtype.kind != "f":
             return window  # integers hold no NaN
         plane = f" of plane {leading}" if leading else ""
@@ -551,41 +556,6 @@ def _check_tile(tile: int | tuple[int, int]) -> int | tuple[int, int]:
 
 def _describe(source: ImageSource) -> str:
     return f"the image {source.path}" if source.path else "the image"
-
-
-def _unreadable(
-    source: ImageSource, leading: tuple[int, ...], rows: np.ndarray, cols: np.ndarray,
-    err: Exception,
-) -> InputError:  # fmt: skip
-    """An error naming the first chunk of the window that cannot be read."""
-    valid_rows, valid_cols = rows[rows >= 0], cols[cols >= 0]
-    r0, r1 = int(valid_rows.min()), int(valid_rows.max()) + 1
-    c0, c1 = int(valid_cols.min()), int(valid_cols.max()) + 1
-    block = source.array[(*leading, slice(None), slice(r0, r1), slice(c0, c1))]
-    where = f"rows {r0}:{r1}, columns {c0}:{c1}"
-    bounds = [np.cumsum((0, *axis)) for axis in source.array.chunks[-2:]]
-    for index in np.ndindex(*block.numblocks):
-        try:
-            block.blocks[index].compute(scheduler="synchronous")
-        except Exception:
-            # The stored chunk that holds the failing block's first pixel.
-            first = (
-                r0 + sum(block.chunks[-2][: index[-2]]),
-                c0 + sum(block.chunks[-1][: index[-1]]),
-            )
-            (y0, y1), (x0, x1) = (
-                (int(b[i]), int(b[i + 1]))
-                for b, i in ((b, int(np.searchsorted(b, f, "right")) - 1)
-                             for b, f in zip(bounds, first, strict=True))
-            )  # fmt: skip
-            where = f"the chunk at rows {y0}:{y1}, columns {x0}:{x1}"
-            break
-    reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
-    return InputError(
-        f"cannot read {where}{f' of plane {leading}' if leading else ''} of "
-        f"{_describe(source)} ({reason}); the data there is damaged: restore or re-export the "
-        "image; a store being written stays resumable (--resume)"
-    )
 
 
 def _normaliser(

@@ -147,7 +147,7 @@ def image_identity(
         "level": int(level),
         "dtype": str(array.dtype),
         "files": _file_stats(Path(resolved)) if resolved is not None else None,
-        "content_sha256": _content_sha256(array),
+        "content_sha256": _content_sha256(array, path),
     }
 
 
@@ -245,15 +245,19 @@ def _file_stats(path: Path) -> list[list[Any]]:
     return stats
 
 
-def _content_sha256(array: Any) -> str:
-    """SHA-256 of all pixels (small images) or of a few windows (corners and centre)."""
+def _content_sha256(array: Any, path: str | None = None) -> str:
+    """SHA-256 of all pixels (small images) or of a few windows (corners and centre).
+
+    A window that cannot be read (a damaged chunk) raises the engine's one-line error naming
+    the chunk, before any store is created.
+    """
     digest = hashlib.sha256(f"{array.dtype}:{tuple(array.shape)}".encode())
+    leading = array.shape[:-3]
+    height, width = array.shape[-2:]
     if array.size * array.dtype.itemsize <= _WHOLE_IMAGE_BYTES:
-        blocks = [array]
+        regions = [(plane, (0, height, 0, width)) for plane in np.ndindex(*leading)]
     else:
-        leading = array.shape[:-3]
         planes = {tuple(0 for _ in leading), tuple(size - 1 for size in leading)}
-        height, width = array.shape[-2:]
         side_y, side_x = min(_WINDOW, height), min(_WINDOW, width)
         corners = {
             (0, 0),
@@ -262,13 +266,26 @@ def _content_sha256(array: Any) -> str:
             (height - side_y, width - side_x),
         }
         starts = sorted(corners | {((height - side_y) // 2, (width - side_x) // 2)})
-        blocks = [
-            array[(*plane, slice(None), slice(y, y + side_y), slice(x, x + side_x))]
-            for plane in sorted(planes)
-            for y, x in starts
+        regions = [
+            (plane, (y, y + side_y, x, x + side_x)) for plane in sorted(planes) for y, x in starts
         ]
+    blocks = [
+        array[(*plane, slice(None), slice(y0, y1), slice(x0, x1))]
+        for plane, (y0, y1, x0, x1) in regions
+    ]
     # One synchronous compute: reading a few windows needs no thread pool.
-    for block in dask.compute(*blocks, scheduler="synchronous"):
+    try:
+        computed = dask.compute(*blocks, scheduler="synchronous")
+    except Exception as err:
+        from .sources import unreadable_error
+
+        for (plane, box), block in zip(regions, blocks, strict=True):
+            try:
+                block.compute(scheduler="synchronous")
+            except Exception:
+                raise unreadable_error(array, plane, box, path, err) from err
+        raise
+    for block in computed:
         digest.update(np.ascontiguousarray(block).tobytes())
     return digest.hexdigest()
 

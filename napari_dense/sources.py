@@ -17,7 +17,7 @@ import numpy as np
 from .errors import InputError
 from .physical import PhysicalSpace, from_ome_zarr, from_tiff
 
-__all__ = ["ImageSource", "open_image"]
+__all__ = ["ImageSource", "open_image", "unreadable_error"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,46 @@ class ImageSource:
             gathered
         )
         return window
+
+
+def unreadable_error(
+    array: da.Array,
+    leading: tuple[int, ...],
+    box: tuple[int, int, int, int],
+    path: str | None,
+    err: BaseException,
+) -> InputError:
+    """A one-line error naming the first stored chunk of ``box`` that cannot be read.
+
+    ``array`` is ``(leading..., C, Y, X)``; ``box`` is ``(y0, y1, x0, x1)`` of the read that
+    failed with ``err``. Each chunk of the box is read again, alone, to find the damaged one.
+    """
+    y0, y1, x0, x1 = box
+    block = array[(*leading, slice(None), slice(y0, y1), slice(x0, x1))]
+    bounds = [np.cumsum((0, *axis)) for axis in array.chunks[-2:]]
+    where = f"rows {y0}:{y1}, columns {x0}:{x1}"
+    for index in np.ndindex(*block.numblocks):
+        try:
+            block.blocks[index].compute(scheduler="synchronous")
+        except Exception:
+            # The stored chunk that holds the failing block's first pixel.
+            first = (
+                y0 + sum(block.chunks[-2][: index[-2]]),
+                x0 + sum(block.chunks[-1][: index[-1]]),
+            )
+            spans = []
+            for edges, start in zip(bounds, first, strict=True):
+                i = int(np.searchsorted(edges, start, "right")) - 1
+                spans.append(f"{int(edges[i])}:{int(edges[i + 1])}")
+            where = f"the chunk at rows {spans[0]}, columns {spans[1]}"
+            break
+    reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+    image = f"the image {path}" if path else "the image"
+    plane = f" of plane {leading}" if leading else ""
+    return InputError(
+        f"cannot read {where}{plane} of {image} ({reason}); the data there is damaged: restore "
+        "or re-export the image; a store being written stays resumable (--resume)"
+    )
 
 
 #: What a path yields: the array-like, the channel axis its metadata names, its physical space.
