@@ -1,31 +1,32 @@
 """Check a ``.pt2`` archive before torch reads it: intact, of bounded size, and data only.
 
-:func:`torch.export.load` runs code from an archive in four places: it unpickles sample inputs
-(``data/sample_inputs/*.pt``, falling back to an unrestricted ``torch.load`` when the safe one
-fails), weights and constants marked ``use_pickle`` (``torch.load(..., weights_only=False)``) and
-opaque or TorchBind constants (``pickle.loads``); it evaluates every symbolic-shape string of the
-graph with ``sympy.sympify`` (an ``eval``); ``ExportedProgram.module()`` ``exec``-s the program's
-``guards_code``; and a graph node's target is looked up by name under ``torch``, ``math`` or
-``operator`` and called when the program runs. :func:`check_export_archive` refuses all of these
-from the archive's bytes, before torch sees them:
+:func:`torch.export.load` can run code from an archive in several places: it unpickles sample
+inputs (``data/sample_inputs/*.pt``, falling back to an unrestricted ``torch.load`` when the safe
+one fails), weights and constants marked ``use_pickle`` (``torch.load(..., weights_only=False)``)
+and opaque or TorchBind constants (``pickle.loads``); it evaluates every symbolic-shape string of
+the graph with ``sympy.sympify`` (an ``eval``); ``ExportedProgram.module()`` ``exec``-s the
+program's ``guards_code``; and a graph node's target is looked up by name under ``torch``,
+``math`` or ``operator`` and called when the program runs. :func:`check_export_archive` refuses
+all of these from the archive's bytes, before torch sees them:
 
 - the zip must be intact (every entry's CRC-32 is verified), hold at most
-  :data:`MAX_ENTRIES` entries, no two entries whose names differ only in case, and declare at
-  most ``max_bytes`` once decompressed (default :data:`DEFAULT_MAX_BYTES`, raised with the
-  ``max_archive_bytes=`` keyword of :func:`napari_dense.load_classifier` or the environment
-  variable :data:`MAX_BYTES_ENV`);
+  :data:`MAX_ENTRIES` entries, no two entries whose names differ only in case (torch's reader
+  matches names case-insensitively), and declare at most ``max_bytes`` once decompressed
+  (default :data:`DEFAULT_MAX_BYTES`, raised with the ``max_archive_bytes=`` keyword of
+  :func:`napari_dense.load_classifier` or the environment variable :data:`MAX_BYTES_ENV`);
 - only the entries ``torch.export.save`` writes for a plain program: raw weight and tensor
   constant files, JSON configs, the graph JSON, sample inputs and ``extra/`` text files; no
   pickled weight or constant, no legacy ``.pt`` weights, no AOTInductor or custom objects;
 - the graph JSON: targets only ``torch.ops.<namespace>.<op>[.<overload>]`` and a few arithmetic
   functions (:data:`SAFE_FUNCTION_TARGETS`), symbolic expressions only sympy constructors of
   symbols and numbers, guards only comparisons of input sizes;
-- sample inputs must load with ``torch.load(..., weights_only=True)`` (torch's restricted
-  unpickler: tensors and containers only), so torch never falls back to the unsafe load.
+- sample inputs (a pickle ``torch.save`` writes even for plain tensors) may name only the
+  globals of tensors (:data:`TENSOR_PICKLE_GLOBALS`), read from the pickle's opcodes without
+  running it; torch then gets the archive with them emptied (:meth:`CheckedArchive.for_torch`).
 
-:func:`weights_only_loads` also forces every ``torch.load`` inside torch's own loading to
-``weights_only=True`` (belt and braces). Nothing here imports user code or unpickles anything
-beyond tensors.
+Nothing in the archive is unpickled, by napari-dense or by torch. :func:`weights_only_loads`
+also forces every ``torch.load`` inside torch's loading to ``weights_only=True`` (belt and
+braces).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class CheckedArchive:
     Attributes
     ----------
     data
-        The whole file.
+        The whole file, as checked (its SHA-256 is the model's).
     root
         The archive's top folder (torch puts every entry under one).
     entries
@@ -130,6 +131,24 @@ class CheckedArchive:
     data: bytes
     root: str
     entries: tuple[str, ...]
+
+    def for_torch(self) -> bytes:
+        """The archive as torch gets it: the same entries, sample inputs emptied.
+
+        torch unpickles sample inputs; napari-dense does not need them, so torch reads none
+        (an empty entry means "no sample inputs" to :func:`torch.export.load`), and nothing
+        in the archive is unpickled at all.
+        """
+        output = io.BytesIO()
+        with (
+            zipfile.ZipFile(io.BytesIO(self.data)) as source,
+            zipfile.ZipFile(output, "w", zipfile.ZIP_STORED) as target,
+        ):
+            for info in source.infolist():
+                relative = info.filename[len(self.root) + 1 :]
+                emptied = relative.startswith("data/sample_inputs/")
+                target.writestr(info.filename, b"" if emptied else source.read(info))
+        return output.getvalue()
 
 
 def max_archive_bytes(limit: int | None = None) -> int:
@@ -484,42 +503,75 @@ def _is_plain_constant(value: Any) -> bool:
 
 
 def _check_sample_inputs(name: str, raw: bytes) -> None:
-    """Sample inputs are a ``torch.save`` pickle: only tensors and containers are accepted."""
+    """Sample inputs are a ``torch.save`` zip around a pickle: read its opcodes, run nothing.
+
+    Only the globals ``torch.save`` writes for tensors (:data:`TENSOR_PICKLE_GLOBALS`) may
+    appear. The entry is then not given to torch at all (:meth:`CheckedArchive.for_torch`).
+    """
     if not raw:
         return  # torch reads an empty entry as "no sample inputs"
-    import pickle
-
-    import torch
-
+    found = "a pickle that is not torch.save's zip format"
     try:
-        with weights_only_loads():
-            loaded = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, TypeError) as err:
-        found = " ".join(str(err).split())[:160]
-        raise ArchiveProblem(
-            f"the sample inputs ({name}) are a pickle that holds more than tensors ({found}): "
-            f"it could run code when loaded; {REEXPORT}"
-        ) from err
-    if not _only_tensors(loaded):
-        raise ArchiveProblem(f"the sample inputs ({name}) hold more than tensors; {REEXPORT}")
+        with zipfile.ZipFile(io.BytesIO(raw)) as inner:
+            pickles = [n for n in inner.namelist() if n.endswith("/data.pkl")]
+            if len(pickles) == 1:
+                names = _pickle_globals(inner.read(pickles[0]))
+                unsafe = None if names is None else sorted(set(names) - TENSOR_PICKLE_GLOBALS)
+                if unsafe == []:
+                    return
+                found = (
+                    f"a pickle that calls {', '.join(unsafe)[:120]}"
+                    if unsafe
+                    else "a pickle whose calls cannot be read without running it"
+                )
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError, zlib.error):
+        pass
+    raise ArchiveProblem(
+        f"the sample inputs ({name}) are {found}, not plain tensors: it could run code when "
+        f"loaded; {REEXPORT}"
+    )
 
 
-def _only_tensors(value: Any, depth: int = 0) -> bool:
-    import torch
+#: Globals of a ``torch.save`` pickle of tensors, tuples and dicts.
+TENSOR_PICKLE_GLOBALS = frozenset(
+    ["torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter"]
+    + ["collections.OrderedDict", "torch.device", "torch.Size"]
+    + [
+        f"torch.{kind}Storage"
+        for kind in "Float Double Half BFloat16 Long Int Short Char Byte Bool Untyped".split()
+    ]
+)
+_STRING_OPS = frozenset(
+    "SHORT_BINUNICODE BINUNICODE BINUNICODE8 UNICODE SHORT_BINSTRING BINSTRING STRING".split()
+)
+_MEMO_OPS = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
 
-    if depth > 20:
-        return False
-    if (
-        isinstance(value, torch.Tensor)
-        or value is None
-        or isinstance(value, bool | int | float | str)
-    ):
-        return True
-    if isinstance(value, tuple | list):
-        return all(_only_tensors(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _only_tensors(v, depth + 1) for k, v in value.items())
-    return False
+
+def _pickle_globals(data: bytes) -> list[str] | None:
+    """The globals a pickle imports, read from its opcodes (None: not readable statically)."""
+    import pickletools
+
+    names: list[str] = []
+    strings: list[str] = []  # strings pushed just before (for STACK_GLOBAL)
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                names.append(str(argument).replace(" ", "."))
+                strings = []
+            elif opcode.name in _STRING_OPS:
+                strings.append(str(argument))
+            elif opcode.name == "STACK_GLOBAL":
+                if len(strings) < 2:
+                    return None
+                names.append(f"{strings[-2]}.{strings[-1]}")
+                strings = []
+            elif opcode.name in ("OBJ", "EXT1", "EXT2", "EXT4"):
+                return None
+            elif opcode.name not in _MEMO_OPS:
+                strings = []
+    except (ValueError, EOFError, UnicodeDecodeError):
+        return None
+    return names
 
 
 def _check_same_in_torch(data: bytes, entries: list[str], contents: dict[str, bytes]) -> None:

@@ -8,7 +8,8 @@ Formats
     2 GiB decompressed (``max_archive_bytes=`` or ``NAPARI_DENSE_MAX_MODEL_BYTES`` raise it), no
     pickled weights, constants or objects, sample inputs of tensors only, graph targets that are
     torch operators, symbolic shapes and guards that are plain expressions; torch then loads the
-    checked bytes with every ``torch.load`` forced to ``weights_only=True``. Loading a ``.pt2``
+    checked bytes (sample inputs emptied: nothing is unpickled) with every ``torch.load`` forced
+    to ``weights_only=True``. Loading a ``.pt2``
     runs no code from the file, and a file named ``.pt2`` is never read as a pickle. Metadata
     is embedded as the extra file ``napari_dense.json`` (:func:`save_classifier` writes it)
     and/or read from a sidecar ``<model>.yaml`` (or ``.yml``) next to the model; the sidecar
@@ -466,7 +467,7 @@ def _load_exported(
     try:
         # The checked bytes, not the file again (it may have changed since).
         with _archive.weights_only_loads(), _quiet_torch_logs():
-            program = torch.export.load(io.BytesIO(checked.data), extra_files=extra)
+            program = torch.export.load(io.BytesIO(checked.for_torch()), extra_files=extra)
     except Exception as err:
         raise ModelFileError(
             f"torch.export.load cannot read {path.name} ({type(err).__name__}: "

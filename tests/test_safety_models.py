@@ -455,3 +455,21 @@ def test_a_pt2_that_is_a_pickle_is_never_unpickled(tmp_path: Path, content: str)
     if content == "pickled payload":  # control
         torch.load(path, weights_only=False)
         assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_the_pickle_scan_sees_the_payload_in_every_protocol(tmp_path: Path, protocol: int) -> None:
+    """Sample inputs are read from their opcodes: a payload's import is seen, never run."""
+    from napari_dense._archive import TENSOR_PICKLE_GLOBALS, _pickle_globals
+
+    marker = tmp_path / "ran"
+    value = ((torch.zeros(2),), {"p": _Payload(marker)})
+    names = _pickle_globals(pickle.dumps(value, protocol=protocol))
+    assert names is None or f"{os.mkdir.__module__}.mkdir" in names
+    # torch.save's own pickle of tensors names only the allowed globals.
+    buffer = io.BytesIO()
+    torch.save(((torch.zeros(2), torch.ones(1, dtype=torch.int64)), {}), buffer)
+    with zipfile.ZipFile(buffer) as inner:
+        data = inner.read(next(n for n in inner.namelist() if n.endswith("/data.pkl")))
+    assert set(_pickle_globals(data) or ["unreadable"]) <= TENSOR_PICKLE_GLOBALS
+    assert not marker.exists()
