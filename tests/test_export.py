@@ -271,3 +271,13 @@ def test_the_program_and_its_parameters_are_untouched() -> None:
 def test_anything_else_is_refused() -> None:
     with pytest.raises(TypeError, match="ExportedProgram"):
         nd.densify("model.pt2", 15)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_patchwise_evaluates_programs_of_any_fixed_batch(batch: int) -> None:
+    model = fdfe15(num_classes=4).eval()
+    program = torch.export.export(model, (torch.zeros(batch, 1, 15, 15),))
+    image = np.random.rand(9, 7).astype(np.float32)  # 63 patches: not a multiple of 3
+    expected = patchwise(image, model, 15)
+    np.testing.assert_allclose(patchwise(image, program, 15, batch_size=10), expected, atol=ATOL)
+    assert ExportedModule(program)(torch.zeros(5, 1, 15, 15)).shape == (5, 4, 1, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +115,9 @@ def _export(model: nn.Module, patch: Pair, channels: int, reason: str) -> _Graph
     try:
         model.eval()
         example = torch.zeros(2, channels, *patch, device=_device_of(model))
-        program = torch.export.export(model, (example,))
+        with warnings.catch_warnings():  # torch.export's own notes (attributes it lifts)
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (example,))
     except Exception as err:
         raise UnsupportedLayerError(
             f"cannot convert {type(model).__name__}: {reason}, and torch.export fails too "

@@ -75,6 +75,10 @@ class _LocalOps(_BuilderState):
             at = items.index(Ellipsis)
             items[at : at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
         items += [slice(None)] * (len(shape) - len(items))
+        full = slice(None)
+        if len(shape) == 2 and items[:2] == [full, full] and all(i is None for i in items[2:]):
+            self._alias(node, x)  # (N, K) -> (N, K, 1, ...): the same dense tensor
+            return
         if len(items) != len(shape) or not all(isinstance(i, slice) for i in items):
             raise self._unsupported(
                 node,

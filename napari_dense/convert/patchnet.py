@@ -10,7 +10,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import PatchSizeError
+from ..errors import PatchSizeError, UnsupportedLayerError
 from ..geometry import Pair, pair
 from .acquire import (
     Classifier,
@@ -41,7 +41,7 @@ def _trace(
     traced = graph.module
     channels = in_channels
     if channels is None:
-        channels = _input_channels(graph, patch, _graph_in_channels(graph))
+        channels = _input_channels(graph, patch)
     _check_exported_shape(graph, patch, channels)
     # Two patches where the graph allows it: what mixes the batch (squeeze(), view(-1, F)) is
     # then seen as the patch network does it per patch.
@@ -87,18 +87,24 @@ class _PatchProp(ShapeProp):
         return result
 
 
-def _input_channels(graph: _Graph, patch: Pair, guess: int) -> int:
-    """The channels the graph's input takes: ``guess`` (the first Conv2d's) when the graph
-    accepts it, else the fewest it accepts (a model may add channels itself, e.g. coordinates).
-    """
+def _input_channels(graph: _Graph, patch: Pair) -> int:
+    """The channels the graph's input takes: the exported shape's or the first Conv2d's when
+    the graph accepts them, else the fewest it accepts (a model may add channels itself, such as
+    coordinates, or have no convolution at all)."""
+    try:
+        guess: int | None = _graph_in_channels(graph)
+    except UnsupportedLayerError as err:
+        guess, error = None, err
     device = _device_of(graph.module)
-    for channels in (guess, *range(1, 65)):
+    for channels in (*([guess] if guess else []), *range(1, 65)):
         try:
             with torch.no_grad():
                 graph.module(torch.zeros(graph.example_batch, channels, *patch, device=device))
             return channels
         except Exception:
             continue
+    if guess is None:
+        raise error
     return guess
 
 
