@@ -31,9 +31,43 @@ class Branches(nn.Module):
         return a + other if self.join == "add" else torch.cat([a, other], dim=1)
 
 
+class CropJoin(nn.Module):
+    """A convolution joined (add or concat) with a crop of its own input of the same size."""
+
+    def __init__(self, channels: int, kernel: tuple[int, int], offset: tuple[int, int], join: str):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel)
+        self.kernel, self.offset, self.join = kernel, offset, join
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (a, b) = self.kernel, self.offset
+        h, w = x.shape[2] - kh + 1, x.shape[3] - kw + 1
+        crop = x[:, :, a : a + h, b : b + w]
+        y = self.conv(x)
+        return y + crop if self.join == "add" else torch.cat([y, crop], dim=1)
+
+
+class ChannelOp(nn.Module):
+    """An op over the channels of each pixel (per-pixel rule)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "normalize":
+            return nn.functional.normalize(x, dim=1)
+        if self.kind == "centre":
+            return x - x.mean(1, keepdim=True) + x.amax(dim=1, keepdim=True)
+        if self.kind == "chunk":
+            a, b = torch.cat([x, x], 1).chunk(2, dim=1)
+            return a * torch.sigmoid(b)
+        return x[:, : max(1, x.shape[1] // 2)] if self.kind == "slice" else x.clone()
+
+
 @st.composite
 def layer(draw: st.DrawFn, channels: int) -> tuple[list[nn.Module], int]:
-    kind = draw(st.sampled_from(["conv", "pool", "branches", "bn"]))
+    kind = draw(st.sampled_from(["conv", "pool", "branches", "bn", "crop", "channels"]))
     kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     act = draw(st.sampled_from(ACTIVATIONS))()
@@ -53,6 +87,15 @@ def layer(draw: st.DrawFn, channels: int) -> tuple[list[nn.Module], int]:
         join = draw(st.sampled_from(["add", "cat"]))
         size, step = kernel[0], stride[0]
         return [Branches(channels, out, size, step, join), act], out * (2 if join == "cat" else 1)
+    if kind == "crop":
+        offset = (draw(st.integers(0, kernel[0] - 1)), draw(st.integers(0, kernel[1] - 1)))
+        join = draw(st.sampled_from(["add", "cat"]))
+        return [CropJoin(channels, kernel, offset, join), act], channels * (
+            2 if join == "cat" else 1
+        )
+    if kind == "channels":
+        op = draw(st.sampled_from(["normalize", "centre", "chunk", "slice", "clone"]))
+        return [ChannelOp(op), act], max(1, channels // 2) if op == "slice" else channels
     return [nn.BatchNorm2d(channels)], channels
 
 

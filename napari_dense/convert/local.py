@@ -19,6 +19,7 @@ from typing import Any
 from torch import fx
 
 from .patchnet import _shape
+from .spatial import _static
 from .state import _BuilderState
 
 __all__: list[str] = []
@@ -71,6 +72,11 @@ class _LocalOps(_BuilderState):
         if shape is None:
             raise self._unsupported(node, "indexing a value that is not a tensor.")
         items = list(index) if isinstance(index, tuple) else [index]
+        # Bounds computed from sizes (x[:, :, a : a + h]) as the patch network computed them.
+        items = [
+            slice(_static(i.start), _static(i.stop), _static(i.step)) if isinstance(i, slice) else i
+            for i in items
+        ]
         if Ellipsis in items:
             at = items.index(Ellipsis)
             items[at : at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
@@ -93,7 +99,7 @@ class _LocalOps(_BuilderState):
         shape = _shape(x)
         assert shape is not None
         dim = kw.get("dim", 0) % len(shape)
-        start, end, step = kw.get("start"), kw.get("end"), kw.get("step", 1)
+        start, end, step = (_static(kw.get(k)) for k in ("start", "end", "step"))
         bounds = [(0, size, 1) for size in shape]
         bounds[dim] = slice(start, end, step).indices(shape[dim])
         self._slice(node, x, bounds)

@@ -70,6 +70,8 @@ class _PointwiseOps(_BuilderState):
             raise self._unsupported(node, "it combines a flattened feature map with a tensor.")
         if vector:
             return self.graph.call_method("reshape", (self.env[arg], (*shape, 1, 1)))
+        if "prelu" in str(getattr(node.target, "__name__", node.target)):
+            return self.env[arg]  # prelu's weight is per channel (dim 1), whatever its rank
         if (1, 1, *shape)[-2:] != (1, 1):  # right-aligned against (N, C, h, w)
             raise self._unsupported(
                 node,
