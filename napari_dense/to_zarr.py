@@ -53,8 +53,28 @@ def prepare_run(
     memory_check: MemoryCheck | None = None,
     compile: bool = False,
     non_finite: str = "refuse",
+    pyramid_levels: int | str = 0,
 ) -> tuple[TiledPredictor, ProbabilityStore]:
-    """Open the image, convert the model, plan the tiles and create (or reopen) the store."""
+    """Open the image, convert the model, plan the tiles and create (or reopen) the store.
+
+    The store holds its writer lock (released by :func:`iter_into_store` when it stops, or by
+    ``store.finalize()``). ``pyramid_levels`` (``N`` or ``"auto"``) makes a new store's pyramid
+    levels at once, filled as tiles land; a resumed store keeps its own.
+
+    Raises
+    ------
+    StoreExistsError
+        The output exists and neither ``overwrite`` nor ``resume`` was given.
+    OverwriteRefusedError
+        ``overwrite`` was given but the output is not a map this project wrote, holds foreign
+        files, is a link, or is (or contains) the input (a :class:`StoreExistsError`).
+    StoreLockedError
+        Another run is writing the output (``.owner`` names its PID, host and start time).
+    ResumeMismatchError
+        ``resume``: the output was started by another run (``.differences`` lists what).
+    InputError
+        Anything else the user can fix (also resume onto a file or onto the input).
+    """
     if overwrite and resume:
         raise InputError("choose either overwrite or resume, not both")
     predictor = make_predictor(
@@ -131,6 +151,7 @@ def prepare_run(
         overwrite=overwrite,
         attributes=provenance,
         protect=protect,
+        pyramid_levels=pyramid_levels,
     )
     return predictor, store
 
@@ -221,7 +242,7 @@ def predict_to_zarr(
     output: str | Path,
     *,
     on_tile: Callable[[TileResult], None] | None = None,
-    pyramid_levels: int = 0,
+    pyramid_levels: int | str | None = None,
     scheduler: str | None = None,
     **options: Any,
 ) -> ProbabilityStore:
@@ -237,7 +258,9 @@ def predict_to_zarr(
     on_tile
         Called with each :class:`TileResult` (progress bars, live display).
     pyramid_levels
-        Extra 2× downsampled levels written at the end.
+        Extra 2× downsampled levels (``N`` or ``"auto"``: down to about 512 px), made when the
+        run starts and filled as tiles land; ``finalize`` only completes them. ``None``: none
+        for a new store, a resumed store keeps its own.
     scheduler
         ``None`` (this process), ``"local:N"`` (a local dask cluster of N worker processes) or
         the address of a dask scheduler (``"tcp://host:8786"``): tiles become tasks.
@@ -256,14 +279,22 @@ def predict_to_zarr(
     """
     if "mode" in options:
         sampling_of_mode(options["mode"])  # fail early on a bad mode
-    predictor, store = prepare_run(image, model, output, **options)
+    predictor, store = prepare_run(
+        image, model, output, pyramid_levels=pyramid_levels or 0, **options
+    )
     try:
         tasks = remaining_tasks(predictor, store)
         start = time.perf_counter()
         if scheduler:
             from .distributed import run_distributed
 
-            run_distributed(predictor, store, tasks, scheduler, on_tile=on_tile)
+            def landed(result: TileResult) -> None:
+                # Workers write level 0 only; this run (the lock holder) adds the levels.
+                store.update_pyramid(result.leading, result.tile.box)
+                if on_tile is not None:
+                    on_tile(result)
+
+            run_distributed(predictor, store, tasks, scheduler, on_tile=landed)
         else:
             _run_local(predictor, store, tasks, on_tile)
         seconds = time.perf_counter() - start
@@ -275,7 +306,7 @@ def predict_to_zarr(
                 "megapixels_per_second": round(megapixels / max(seconds, 1e-9), 4),
                 "complete": True,
             },
-            pyramid_levels=pyramid_levels,
+            pyramid_levels=None if pyramid_levels in (None, "auto") else int(pyramid_levels),
         )
     except BaseException:
         store.discard_if_empty()  # failed before its first tile: leave nothing behind

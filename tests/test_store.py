@@ -20,6 +20,7 @@ from napari_dense.store import (
     StoreExistsError,
     StoreIncompleteError,
     StoreWriteError,
+    auto_pyramid_levels,
 )
 
 TILE = (16, 16)
@@ -337,6 +338,95 @@ def test_finalize_builds_a_local_mean_pyramid(tmp_path) -> None:
     assert "translation" not in json.dumps(datasets[0])
 
 
+def end_built(tmp_path: Path, full: np.ndarray, levels: int, **options: Any) -> ProbabilityStore:
+    """The same map with its pyramid built at the end by finalize (the reference)."""
+    store = make(tmp_path, name="end_built.zarr", **options)
+    write_all(store, full)
+    store.finalize(pyramid_levels=levels)
+    return store
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
+@pytest.mark.parametrize("chunks", [(16, 16), (7, 9)], ids=["aligned", "straddling"])
+def test_a_live_pyramid_equals_one_built_at_the_end(tmp_path, dtype, chunks) -> None:
+    shape = (3, 2, 37, 45)
+    options: dict[str, Any] = {"shape": shape, "axes": "czyx", "chunks": chunks, "dtype": dtype}
+    live = make(tmp_path, pyramid_levels=2, **options)
+    assert live.pyramid_levels == 2 and live.level(2).shape == (3, 2, 10, 12)
+    full = random_map(shape)
+    tasks = [((z,), box) for z in range(2) for box in boxes(37, 45, chunks)]
+    order = np.random.default_rng(5).permutation(len(tasks))  # tiles land in any order
+    for index in order:
+        leading, box = tasks[index]
+        live.write_tile(leading, box, tile_of(live, full, leading, box))
+    assert live.pyramid_pending() == set()
+    reference = end_built(tmp_path, full, 2, **options)
+    for level in (1, 2):  # bit-identical before finalize: a viewer sees the final pyramid
+        np.testing.assert_array_equal(live.level(level)[...], reference.level(level)[...])
+    live.finalize()
+    assert live.is_complete() and live.pyramid_levels == 2
+    np.testing.assert_array_equal(live.level(2)[...], reference.level(2)[...])
+
+
+def test_each_tile_updates_only_its_footprint(tmp_path) -> None:
+    store = make(tmp_path, pyramid_levels=2)
+    tile = random_map((3, 16, 16))
+    store.write_tile((), (16, 32, 16, 32), tile)
+    level1 = np.zeros((3, 19, 23), np.float32)
+    level1[:, 8:16, 8:16] = naive_local_mean(tile)
+    np.testing.assert_allclose(store.read(1), level1, rtol=1e-6, atol=1e-7)
+    level2 = np.zeros((3, 10, 12), np.float32)
+    level2[:, 4:8, 4:8] = naive_local_mean(naive_local_mean(tile))
+    np.testing.assert_allclose(store.read(2), level2, rtol=1e-6, atol=1e-7)
+
+
+def test_finalize_does_not_rebuild_a_filled_pyramid(tmp_path, monkeypatch) -> None:
+    store = make(tmp_path, pyramid_levels=2)
+    write_all(store, random_map((3, 37, 45)))
+    calls: list[str] = []
+    monkeypatch.setattr(ProbabilityStore, "_build_level", lambda *a: calls.append("build"))
+    monkeypatch.setattr(ProbabilityStore, "_update_footprint", lambda *a: calls.append("tile"))
+    store.finalize(pyramid_levels=2)
+    assert calls == [] and store.is_complete()
+
+
+def test_tiles_of_other_writers_are_added_to_the_pyramid_by_the_lock_holder(tmp_path) -> None:
+    owner = make(tmp_path, pyramid_levels=1)
+    full = random_map((3, 37, 45))
+    worker = ProbabilityStore.open(owner.path)  # a dask worker: no lock, level 0 only
+    assert not worker.holds_lock
+    write_all(worker, full)
+    assert len(owner.pyramid_pending()) == 9
+    np.testing.assert_array_equal(owner.read(1), 0)
+    owner.update_pyramid((), (0, 16, 0, 16))
+    assert len(owner.pyramid_pending()) == 8
+    owner.finalize()
+    assert owner.pyramid_pending() == set()
+    reference = end_built(tmp_path, full, 1)
+    np.testing.assert_array_equal(owner.level(1)[...], reference.level(1)[...])
+
+
+def test_finalize_adds_and_removes_levels_around_the_live_ones(tmp_path) -> None:
+    full = random_map((3, 37, 45))
+    store = make(tmp_path, pyramid_levels=1)
+    write_all(store, full)
+    store.finalize(pyramid_levels=3)
+    reference = end_built(tmp_path, full, 3)
+    for level in (1, 2, 3):
+        np.testing.assert_array_equal(store.level(level)[...], reference.level(level)[...])
+    store.finalize(pyramid_levels=0)
+    assert store.pyramid_levels == 0 and not (tmp_path / "map.zarr" / "1").exists()
+
+
+def test_auto_pyramid_levels_go_down_to_about_512_px(tmp_path) -> None:
+    assert auto_pyramid_levels(512, 512) == 0 and auto_pyramid_levels(513, 100) == 1
+    assert auto_pyramid_levels(16384, 16384) == 5 and auto_pyramid_levels(100_000, 100_000) == 8
+    store = make(tmp_path, shape=(2, 3000, 1100), class_names=["a", "b"], pyramid_levels="auto")
+    assert store.pyramid_levels == 3 and store.level(3).shape == (2, 375, 138)
+    with pytest.raises(InputError, match="pyramid_levels"):
+        make(tmp_path, name="bad.zarr", pyramid_levels=-1)
+
+
 def test_uint8_pyramid_stays_within_rounding(tmp_path) -> None:
     store = make(tmp_path, dtype="uint8")
     full = random_map((3, 37, 45))
@@ -409,7 +499,8 @@ def test_ngff_metadata(tmp_path) -> None:
     channels = ome["omero"]["channels"]
     assert [c["label"] for c in channels] == CLASSES
     assert all(c["window"] == {"start": 0, "end": 1, "min": 0, "max": 1} for c in channels)
-    assert all(c["active"] is True for c in channels)
+    # As in the live overlay: background hidden, the other classes shown.
+    assert [c["active"] for c in channels] == [True, True, False]
     colours = [c["color"] for c in channels]
     assert len(set(colours)) == 3 and colours[0] == "FF00FF"
     assert all(len(c) == 6 and int(c, 16) >= 0 for c in colours)
@@ -496,6 +587,47 @@ def test_ome_zarr_models_validates_the_metadata(tmp_path) -> None:
     store.finalize(pyramid_levels=2)
     image = Image.from_zarr(zarr.open_group(str(store.path), mode="r"))
     assert image.attributes.ome.multiscales[0].datasets[2].path == "2"
+    # A live pyramid is valid NGFF from the start, while tiles are still missing.
+    live = make(tmp_path, name="live.zarr", shape=(3, 37, 45), pyramid_levels=2)
+    live.write_tile((), (0, 16, 0, 16), random_map((3, 16, 16)))
+    image = Image.from_zarr(zarr.open_group(str(live.path), mode="r"))
+    assert [d.path for d in image.attributes.ome.multiscales[0].datasets] == ["0", "1", "2"]
+
+
+def test_napari_ome_zarr_reopens_the_map_as_the_live_overlay_shows_it(tmp_path) -> None:
+    """Class names, the one colour table, 0..1 windows, background hidden, every level."""
+    pytest.importorskip("napari_ome_zarr")
+    from napari_ome_zarr import napari_get_reader
+
+    from napari_dense.colours import class_rgb, is_background
+
+    store = make(tmp_path, pyramid_levels=1)
+    write_all(store, random_map((3, 37, 45)))
+    store.finalize()
+    reader = napari_get_reader(str(store.path))
+    assert reader is not None
+    ((data, options, kind),) = reader(str(store.path))
+    assert kind == "image" and [level.shape for level in data] == [(3, 37, 45), (3, 19, 23)]
+    assert options["channel_axis"] == 0 and options["contrast_limits"] == [[0, 1]] * 3
+    assert [name.split(": ")[-1] for name in options["name"]] == CLASSES
+    assert options["visible"] == [not is_background(name) for name in CLASSES]
+    assert options["visible"] == [True, True, False]
+    for index, colormap in enumerate(options["colormap"]):
+        np.testing.assert_allclose(colormap.colors[-1][:3], class_rgb(index), atol=1e-6)
+
+
+def test_one_colour_table(tmp_path) -> None:
+    from napari_dense import colours, store
+
+    assert store.CHANNEL_COLOURS is colours.CLASS_COLOURS
+    assert colours.class_colour(12) == colours.CLASS_COLOURS[2]
+    assert colours.class_rgb(0) == (1.0, 0.0, 1.0)
+    assert [colours.is_background(n) for n in ("Background", "bg", "tissue background")] == [
+        True,
+        True,
+        True,
+    ]
+    assert not any(colours.is_background(n) for n in ("nucleus", "stroma", "backbone"))
 
 
 # ---------------------------------------------------------------------- several writers

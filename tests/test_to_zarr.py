@@ -83,7 +83,7 @@ def test_uint8_output(tmp_path, model, image) -> None:
 
 
 #: The child run of the crash matrix: 16 tiles, a pyramid level; it stops (sleeps) at ``point``
-#: ("start": before its first tile, "middle": after 6 tiles, "finalize": building the pyramid)
+#: ("start": before its first tile, "middle": after 6 tiles, "finalize": in finalize, the lock held)
 #: and prints "at point" so that the test can signal it there.
 CHILD = """
 import sys, time, torch
@@ -105,11 +105,11 @@ def check(shape):
 def on_tile(result):
     if result.index == 5:
         stop("middle")
-build = ProbabilityStore._build_level
-def slow_build(self, source, target):
+finalize = ProbabilityStore._finalize
+def slow_finalize(self, *args):
     stop("finalize")
-    build(self, source, target)
-ProbabilityStore._build_level = slow_build
+    finalize(self, *args)
+ProbabilityStore._finalize = slow_finalize
 predict_to_zarr(image, model, out, patch_size=15, tile=16, device="cpu", pyramid_levels=1,
                 on_tile=on_tile, memory_check=check)
 """
@@ -188,7 +188,9 @@ def test_z_stack_output_axes(tmp_path, model) -> None:
 
 def test_distributed_equals_single_process(tmp_path, model, image) -> None:
     pytest.importorskip("distributed")
-    local = predict_to_zarr(image, model, tmp_path / "local.zarr", patch_size=15, tile=16)
+    local = predict_to_zarr(
+        image, model, tmp_path / "local.zarr", patch_size=15, tile=16, pyramid_levels=1
+    )
     start = time.perf_counter()
     ticks: list[int] = []
     cluster = predict_to_zarr(
@@ -199,8 +201,12 @@ def test_distributed_equals_single_process(tmp_path, model, image) -> None:
         tile=16,
         scheduler="local:2",
         on_tile=lambda r: ticks.append(r.index),
+        pyramid_levels=1,
     )
     assert time.perf_counter() - start < 300
     assert cluster.is_complete() and sorted(ticks) == list(range(16))
     np.testing.assert_array_equal(cluster.read(), local.read())
+    # Workers write level 0 only; the run holding the lock adds their footprints to level 1.
+    assert cluster.pyramid_pending() == set()
+    np.testing.assert_array_equal(cluster.read(1), local.read(1))
     assert Path(tmp_path / "cluster.zarr").exists()
