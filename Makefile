@@ -75,3 +75,36 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis "$(WHEEL_TEST_DIR)"
+
+# The GPU check's install step, rehearsed on this CPU machine (needs a package registry here, not
+# on the GPU machine): fills $(DEVICE_WHEELS)/ with the wheels benchmarks/device_check.sh --wheels
+# installs on a bare CUDA machine (CPython $(DEVICE_PYTHON), manylinux x86_64) and the project's
+# wheel; then, in a fresh interpreter that sees torch and nothing else, installs the same
+# packages for this Python with --no-index from a wheel folder and runs the check's --dry-run
+# (all of it under $(DEVICE_REHEARSAL)/, so that $(DEVICE_WHEELS)/ holds only what the GPU needs).
+DEVICE_WHEELS ?= device_wheels
+DEVICE_REHEARSAL ?= .device_rehearsal
+DEVICE_PYTHON ?= 3.12
+rehearse-device: install
+	@set -e; deps="$$(bash benchmarks/device_check.sh --print-deps)"; \
+	local_tag=$$($(BIN)/python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")'); \
+	base=$$($(BIN)/python -c 'import sys; print(sys._base_executable)'); \
+	rehearsal=$(DEVICE_REHEARSAL)/wheels-$$local_tag; \
+	echo "wheels for the GPU machine (CPython $(DEVICE_PYTHON)) -> $(DEVICE_WHEELS)/"; \
+	$(BIN)/python -m pip download --quiet --dest $(DEVICE_WHEELS) --only-binary=:all: \
+		--python-version $(DEVICE_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 $$deps; \
+	rm -f $(DEVICE_WHEELS)/napari_dense-*.whl; \
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(DEVICE_WHEELS) .; \
+	echo "wheels for this machine's rehearsal ($$local_tag) -> $$rehearsal/"; \
+	$(BIN)/python -m pip download --quiet --dest $$rehearsal --only-binary=:all: $$deps; \
+	cp $(DEVICE_WHEELS)/napari_dense-*.whl $$rehearsal/; \
+	torch_only=$(DEVICE_REHEARSAL)/torch-only-$$local_tag; rm -rf $$torch_only $$torch_only-venv; \
+	$(BIN)/python benchmarks/torch_only.py $$torch_only >/dev/null; \
+	$$base -m venv $$torch_only-venv; \
+	start=$$(date +%s); \
+	PYTHONPATH=$$PWD/$$torch_only PYTHONNOUSERSITE=1 bash benchmarks/device_check.sh --dry-run \
+		--python $$torch_only-venv/bin/python --wheels $$rehearsal $(DEVICE_REHEARSAL)/out; \
+	echo "rehearsal: $$(( $$(date +%s) - start )) s (summary: $(DEVICE_REHEARSAL)/out/summary.md);" \
+		"$$(du -sh $(DEVICE_WHEELS) | cut -f1) of wheels for the GPU machine in $(DEVICE_WHEELS)/"

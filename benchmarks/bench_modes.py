@@ -22,11 +22,20 @@ Naive and shift-and-stitch are skipped where their estimated time per call excee
 ``--naive-budget`` / ``--budget`` (extrapolated by pixel count from their last run; naive's
 first estimate comes from a one-batch probe, shift-and-stitch's from simple's time × ``S²``).
 Any method is skipped where its estimated peak memory (``explain(...).bytes_per_megapixel``
-plus the float32 output map) exceeds 16 GiB.
+plus the float32 output map) exceeds 16 GiB (``--memory-limit-gib``).
+
+On a GPU (``--device cuda``), ``--precisions float32 bfloat16 bfloat16-compiled`` measures each
+method in strict float32 (TF32 off), bfloat16 autocast and, for the advanced methods only,
+bfloat16 compiled (``torch.compile``, ``--compile-mode``; its compile time is the first call);
+``--engine`` runs the advanced methods through the tiled engine (``TiledPredictor``, one tile of
+``--tile`` px) instead of ``predict``; ``--on-device`` times the network alone, the padded image
+already on the device and the map left there (as the GPU reference in ``../shared/gpu_anchor``
+measures). Ratios to naive are at the same precision (the compiled rows against bfloat16
+naive). ``benchmarks/device_check.sh`` runs it so on the GPU.
 
 Run ``python benchmarks/bench_modes.py`` (or ``make bench``); ``--quick`` for a smoke run,
 ``--help`` for options. Prints markdown tables and writes JSON to
-``benchmarks/results/bench_modes.json``.
+``benchmarks/results/bench_modes.json`` (after every net, so a run cut short keeps its nets).
 """
 
 from __future__ import annotations
@@ -47,9 +56,14 @@ import numpy as np
 import torch
 
 from napari_dense import DensePlan, densify, explain, predict
+from napari_dense._image import as_batch, pad_border
 from napari_dense.baselines import shift_and_stitch
+from napari_dense.device import DEFAULT_COMPILE_MODE, cuda_settings
+from napari_dense.engine import make_predictor
+from napari_dense.geometry import border_padding
 from napari_dense.models import BENCHMARK_NETS
 from napari_dense.reference import patchwise
+from napari_dense.upsample import upsample_lattice
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SIZES = [256, 512, 1024, 2048, 4096]
@@ -64,6 +78,26 @@ DENSE_METHODS: dict[str, dict[str, str]] = {
     "advanced": {"sampling": "all"},
     "advanced (space-to-batch)": {"sampling": "all", "phases": "batch"},
 }
+#: ``--precisions``: strict float32, bfloat16 autocast, bfloat16 compiled (advanced only).
+PRECISION_CHOICES = ("float32", "bfloat16", "bfloat16-compiled")
+COMPILED = "bfloat16-compiled"
+
+
+def runs_at(method: str, precision: str) -> bool:
+    """Whether ``method`` is measured at ``precision`` (compiled: the advanced methods only)."""
+    return precision != COMPILED or method.startswith("advanced")
+
+
+def naive_precision(precision: str) -> str:
+    """The precision of the naive run that ``precision``'s rows are compared with."""
+    return "bfloat16" if precision == COMPILED else precision
+
+
+def precision_context(device: str, precision: str) -> Any:
+    """Autocast to bfloat16, or strict float32 (TF32 off on CUDA) around a call."""
+    if precision == "float32":
+        return cuda_settings(torch.device(device), "float32")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def method_names() -> list[str]:
@@ -98,19 +132,81 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def engine_runner(
+    dense: torch.nn.Module, axis: int | None, device: str, precision: str, tile: int | None,
+    compile_mode: str = DEFAULT_COMPILE_MODE,
+) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
+    """image -> map through the tiled engine (compiled once per process for ``COMPILED``)."""
+
+    def run(image: np.ndarray) -> np.ndarray:
+        predictor = make_predictor(
+            image, dense, channel_axis=axis, device=device, tile=tile or max(image.shape[:2]),
+            precision="bfloat16" if precision == COMPILED else precision,
+            compile=compile_mode if precision == COMPILED else False,
+        )  # fmt: skip
+        out = np.empty((predictor.num_classes, *predictor.source.plane_shape), np.float32)
+        for result in predictor.run(predictor.tasks()):
+            y0, y1, x0, x1 = result.tile.box
+            out[:, y0:y1, x0:x1] = result.probabilities
+        return out
+
+    return run
+
+
+def device_runner(
+    dense: torch.nn.Module, axis: int | None, device: str, precision: str, compile_mode: str
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """image -> map left on the device: the network alone, as the GPU reference measures it.
+
+    The border-padded image is copied to the device at the first call only; the map stays on
+    the device (the engine overlaps those copies with other tiles' compute).
+    """
+    target = torch.device(device)
+    dense = dense.to(target).eval()
+    network = (
+        torch.compile(dense, mode=compile_mode, dynamic=False) if precision == COMPILED else dense
+    )
+    inputs: dict[int, torch.Tensor] = {}
+
+    def run(image: np.ndarray) -> torch.Tensor:
+        batch = as_batch(image, channel_axis=axis, channels=dense.in_channels)
+        height, width = batch.shape[-2:]
+        if id(image) not in inputs:
+            (ph, pw), (ty, tx) = dense.patch_size, dense.period
+            cells = dense.sample_pattern is not None
+            rows = border_padding(height, ph, ty, whole_cells=cells)
+            cols = border_padding(width, pw, tx, whole_cells=cells)
+            padded = pad_border(batch, rows, cols, "reflect")
+            inputs[id(image)] = torch.from_numpy(padded).to(target)
+        with torch.inference_mode():
+            samples = network(inputs[id(image)])
+            out = upsample_lattice(samples, dense.output_stride, (height, width), "bilinear",
+                                   dense.sample_pattern)  # fmt: skip
+        return out[0]
+
+    return run
+
+
 def make_runner(
-    method: str, net: str, model: torch.nn.Module, patch: int, channels: int, device: str
-) -> Callable[[np.ndarray], np.ndarray]:
+    method: str, net: str, model: torch.nn.Module, patch: int, channels: int, device: str,
+    precision: str = "float32", engine: bool = False, tile: int | None = None,
+    naive_batch: int | None = None, compile_mode: str = DEFAULT_COMPILE_MODE,
+    on_device: bool = False,
+) -> Callable[[np.ndarray], Any]:  # fmt: skip
     """A function image -> ``(K, H, W)`` map computing it with ``method`` (converted up front)."""
     axis = channel_axis_of(channels)
     if method == "naive":
-        batch_size = NAIVE_BATCH_SIZE[net]
+        batch_size = naive_batch or NAIVE_BATCH_SIZE[net]
         return lambda image: patchwise(
             image, model, patch, channel_axis=axis, batch_size=batch_size, device=device
         )
     if method == "shift-and-stitch":
         return lambda image: shift_and_stitch(image, model, patch, channel_axis=axis, device=device)
     dense = densify(model, patch, **DENSE_METHODS[method])
+    if on_device and method.startswith("advanced"):
+        return device_runner(dense, axis, device, precision, compile_mode)
+    if precision == COMPILED or (engine and method.startswith("advanced")):
+        return engine_runner(dense, axis, device, precision, tile, compile_mode)
     return lambda image: predict(image, dense, channel_axis=axis, device=device)
 
 
@@ -140,10 +236,22 @@ def max_deviation(
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Time one (net, size, method) in this process; its peak memory and deviation from naive."""
     net, size, method, device = job["net"], job["size"], job["method"], job["device"]
+    precision = job.get("precision", "float32")
     model, patch, channels = build_model(net)
     image = make_image(size, channels)
-    run = make_runner(method, net, model, patch, channels, device)
-    reference_path = Path(job["workdir"]) / f"naive_{net}_{size}.npy"
+    call = make_runner(method, net, model, patch, channels, device, precision,
+                       job.get("engine", False), job.get("tile"), job.get("naive_batch"),
+                       job.get("compile_mode", DEFAULT_COMPILE_MODE),
+                       job.get("on_device", False))  # fmt: skip
+
+    def run(image: np.ndarray) -> Any:
+        with precision_context(device, precision):
+            return call(image)
+
+    # Deviations are from float32 naive's map where it ran, else from sampled float32 patches.
+    suffix = "" if precision == "float32" else f"_{precision}"
+    reference_path = Path(job["workdir"]) / f"naive_{net}_{size}{suffix}.npy"
+    float32_reference = Path(job["workdir"]) / f"naive_{net}_{size}.npy"
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
@@ -152,13 +260,16 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     output = run(image)
     sync(device)
     first_call = time.perf_counter() - start
+    if isinstance(output, torch.Tensor):  # left on the device (--on-device)
+        output = output.float().cpu().numpy()
     peak_host = memory_status_bytes("VmHWM") - rss_before
     peak_cuda = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
     if method == "naive":
         np.save(reference_path, output)
+    if method == "naive" and precision == "float32":
         deviation, compared_on = 0.0, "reference"
     else:
-        deviation, compared_on = max_deviation(output, reference_path, image, job)
+        deviation, compared_on = max_deviation(output, float32_reference, image, job)
     del output
     times = []
     for _ in range(job["repeats"]):
@@ -183,16 +294,19 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def probe_naive(net: str, device: str) -> float:
+def probe_naive(
+    net: str, device: str, precision: str = "float32", batch_size: int | None = None
+) -> float:
     """Seconds per pixel of naive: one batch of patches, timed after a warm-up batch."""
     model, patch, channels = build_model(net)
-    batch_size = NAIVE_BATCH_SIZE[net]
+    batch_size = batch_size or NAIVE_BATCH_SIZE[net]
     image = make_image(64, channels)
     positions = np.random.default_rng(2).integers(0, 64, (batch_size, 2))
     for _ in range(2):
         start = time.perf_counter()
-        patchwise(image, model, patch, channel_axis=channel_axis_of(channels),
-                  positions=positions, batch_size=batch_size, device=device)  # fmt: skip
+        with precision_context(device, precision):
+            patchwise(image, model, patch, channel_axis=channel_axis_of(channels),
+                      positions=positions, batch_size=batch_size, device=device)  # fmt: skip
         sync(device)
         seconds = time.perf_counter() - start
     return seconds / batch_size
@@ -220,7 +334,9 @@ def estimated_seconds(
 
 def format_row(record: dict[str, Any], naive_seconds: float, naive_measured: bool) -> str:
     """One markdown row of the results table (``~``: naive's time extrapolated)."""
-    cells = [f"{record['size']}²", record["method"]]
+    precision = record.get("precision", "float32")
+    label = record["method"] if precision == "float32" else f"{record['method']} [{precision}]"
+    cells = [f"{record['size']}²", label]
     if "median_s" not in record:
         reason = f"skipped ({record['skipped']})" if "skipped" in record else record["failed"]
         return "| " + " | ".join([*cells, f"**{reason}**", *["—"] * 4]) + " |"
@@ -267,14 +383,12 @@ def summarize(
 
 
 def benchmark_net(net: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
-    """Measure every method at every size for ``net``, printing rows as they come."""
+    """Measure every method at every size and precision for ``net``, printing rows as they come."""
     model, patch, channels = build_model(net)
     plans = {sampling: explain(model, patch, sampling=sampling) for sampling in ("all", "none")}
     ideal = plans["all"].macs_per_patch / plans["all"].macs_per_pixel
     stride_y, stride_x = plans["none"].output_stride
-    seconds_per_pixel = {"naive": probe_naive(net, args.device)}
-    naive_basis = f"a {NAIVE_BATCH_SIZE[net]}-patch probe"
-    budgets = {"naive": args.naive_budget, "shift-and-stitch": args.budget}
+    naive_batch = args.naive_batch or NAIVE_BATCH_SIZE[net]
     print(
         f"\n## {net}: patch {patch}, {channels} channel(s), {plans['all'].num_classes} classes, "
         f"output stride {stride_y}×{stride_x} undensified, ideal speedup {ideal:.1f}×\n"
@@ -286,22 +400,72 @@ def benchmark_net(net: str, args: argparse.Namespace, workdir: str) -> dict[str,
         flush=True,
     )
     records: list[dict[str, Any]] = []
+    summaries: dict[str, dict[str, Any]] = {}
+    naive_runs: dict[str, tuple[dict[str, float], str, list[dict[str, Any]]]] = {}
+    for precision in args.precisions:
+        if precision in naive_runs:
+            continue
+        base = naive_precision(precision)
+        if base in naive_runs:  # compiled rows: against the naive of bfloat16 eager
+            naive_rates, naive_basis, naive_records = naive_runs[base]
+            seconds_per_pixel = {"naive": naive_rates["naive"]}
+        else:
+            seconds_per_pixel = {"naive": probe_naive(net, args.device, base, naive_batch)}
+            naive_basis, naive_records = f"a {naive_batch}-patch probe", []
+        budgets = {"naive": args.naive_budget, "shift-and-stitch": args.budget}
+        ran = run_precision(net, precision, args, workdir, plans, seconds_per_pixel, budgets,
+                            naive_basis, naive_batch)  # fmt: skip
+        precision_records, naive_basis = ran
+        records += precision_records
+        naive_runs[precision] = (seconds_per_pixel, naive_basis, precision_records)
+        compared = [r for r in naive_records if r["method"] == "naive"] + precision_records
+        summaries[precision] = summarize(compared, ideal, naive_basis, seconds_per_pixel["naive"])
+    print(f"\n| {net} | ideal speedup | advanced / naive | measured / ideal | advanced vs "
+          "shift-and-stitch |\n|---|---:|---:|---:|---:|")  # fmt: skip
+    for precision, summary in summaries.items():
+        versus_sas = summary["advanced_over_shift_and_stitch"]
+        label = "" if precision == "float32" and len(summaries) == 1 else precision
+        print(f"| {label} | {ideal:.1f}× | "
+              f"{summary['advanced_over_naive']:.1f}× ({summary['advanced_over_naive_basis']}) | "
+              f"{summary['measured_over_ideal']:.0%} | "
+              + (f"{versus_sas:.1f}× (at {summary['advanced_over_shift_and_stitch_size']}²) |"
+                 if versus_sas else "— |"), flush=True)  # fmt: skip
+    report = {"patch": patch, "in_channels": channels, "naive_batch_size": naive_batch,
+              "plan_all": plans["all"].as_dict(), "plan_none": plans["none"].as_dict(),
+              "runs": records, "summary": summaries[args.precisions[0]]}  # fmt: skip
+    if len(summaries) > 1:
+        report["summaries"] = summaries
+    return report
+
+
+def run_precision(
+    net: str, precision: str, args: argparse.Namespace, workdir: str,
+    plans: dict[str, DensePlan], seconds_per_pixel: dict[str, float],
+    budgets: dict[str, float], naive_basis: str, naive_batch: int,
+) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
+    """Every method of ``args.methods`` at every size at one precision, printed as they come."""
+    stride_y, stride_x = plans["none"].output_stride
+    records: list[dict[str, Any]] = []
     for size in args.sizes:
         pixels = size * size
         naive_measured = False
-        for method in method_names():
+        for method in [m for m in args.methods if runs_at(m, precision)]:
             seconds = estimated_seconds(method, pixels, seconds_per_pixel, stride_y * stride_x)
             peak_bytes = estimated_peak_bytes(method, pixels, plans)
             record: dict[str, Any] = {"net": net, "size": size, "method": method,
-                                      "device": args.device, "estimated_seconds": seconds,
+                                      "precision": precision, "device": args.device,
+                                      "estimated_seconds": seconds,
                                       "estimated_peak_mib": peak_bytes / 2**20}  # fmt: skip
             if method in budgets and seconds is not None and seconds > budgets[method]:
                 record["skipped"] = f"est. {seconds:.0f} s"
-            elif peak_bytes > MEMORY_LIMIT_BYTES:
+            elif peak_bytes > args.memory_limit_gib * 2**30:
                 record["skipped"] = f"est. {peak_bytes / 2**30:.0f} GiB"
             else:
                 job = {"net": net, "size": size, "method": method, "device": args.device,
-                       "repeats": args.repeats, "workdir": workdir}  # fmt: skip
+                       "repeats": args.repeats, "workdir": workdir, "precision": precision,
+                       "engine": args.engine, "tile": args.tile, "naive_batch": naive_batch,
+                       "compile_mode": args.compile_mode,
+                       "on_device": args.on_device}  # fmt: skip
                 record.update(run_worker(job))
             if "median_s" in record:
                 seconds_per_pixel[method] = record["median_s"] / pixels
@@ -310,17 +474,7 @@ def benchmark_net(net: str, args: argparse.Namespace, workdir: str) -> dict[str,
             records.append(record)
             naive_seconds = seconds_per_pixel["naive"] * pixels
             print(format_row(record, naive_seconds, naive_measured), flush=True)
-    summary = summarize(records, ideal, naive_basis, seconds_per_pixel["naive"])
-    versus_sas = summary["advanced_over_shift_and_stitch"]
-    print(f"\n| {net} | ideal speedup | advanced / naive | measured / ideal | advanced vs "
-          f"shift-and-stitch |\n|---|---:|---:|---:|---:|\n| | {ideal:.1f}× | "
-          f"{summary['advanced_over_naive']:.1f}× ({summary['advanced_over_naive_basis']}) | "
-          f"{summary['measured_over_ideal']:.0%} | "
-          + (f"{versus_sas:.1f}× (at {summary['advanced_over_shift_and_stitch_size']}²) |"
-             if versus_sas else "— |"), flush=True)  # fmt: skip
-    return {"patch": patch, "in_channels": channels, "naive_batch_size": NAIVE_BATCH_SIZE[net],
-            "plan_all": plans["all"].as_dict(), "plan_none": plans["none"].as_dict(),
-            "runs": records, "summary": summary}  # fmt: skip
+    return records, naive_basis
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -344,11 +498,31 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="s per shift-and-stitch call")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_modes.json")
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, repeats 1")
+    parser.add_argument("--precisions", nargs="+", default=["float32"], choices=PRECISION_CHOICES,
+                        help="strict float32 (TF32 off), bfloat16 autocast, bfloat16 compiled "
+                        "(advanced methods only); default float32")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", help="subset of the methods (default all)")
+    parser.add_argument("--engine", action="store_true",
+                        help="advanced methods through the tiled engine")  # fmt: skip
+    parser.add_argument("--tile", type=int, help="engine tile side (default: the image)")
+    parser.add_argument("--on-device", action="store_true",
+                        help="advanced: image copied once, map left on the device")  # fmt: skip
+    parser.add_argument("--naive-batch", type=int, help="patches per naive forward pass")
+    parser.add_argument("--memory-limit-gib", type=float, default=MEMORY_LIMIT_BYTES / 2**30,
+                        help="skip runs whose estimated peak memory exceeds this")  # fmt: skip
+    parser.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE,
+                        help=f"torch.compile mode of {COMPILED}")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return
+    args.methods = args.methods or method_names()
+    unknown = sorted(set(args.methods) - set(method_names()))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {method_names()}")
+    if COMPILED in args.precisions and "bfloat16" not in args.precisions:
+        args.precisions.insert(args.precisions.index(COMPILED), "bfloat16")  # its naive
     args.sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     args.repeats = args.repeats or (1 if args.quick else 3)
     if args.device == "auto":
@@ -361,12 +535,12 @@ def main() -> None:
     report: dict[str, Any] = {"environment": env, "sizes": args.sizes, "repeats": args.repeats,
                               "naive_budget_s": args.naive_budget, "budget_s": args.budget,
                               "nets": {}}  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-modes-") as workdir:
         for net in args.nets:
             report["nets"][net] = benchmark_net(net, args, workdir)
+            args.json.write_text(json.dumps(report, indent=2))  # kept if a later net is cut short
     print("\n~: naive's time extrapolated from its throughput at a smaller size (or its probe).")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
     print(f"JSON: {args.json}")
 
 

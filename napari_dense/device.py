@@ -12,6 +12,7 @@ import torch
 from .errors import InputError
 
 __all__ = [
+    "DEFAULT_COMPILE_MODE",
     "PRECISION_CHOICES",
     "clear_compiled",
     "compiled_network",
@@ -90,10 +91,13 @@ def cuda_settings(device: torch.device, precision: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------------- compiled networks
 
-#: ``torch.compile``d networks of this process, by (network content, device, precision).
-_COMPILED: dict[tuple[str, str, str], Any] = {}
-#: (network content, device, precision, input shape) that have run once: compiled, autotuned.
-_WARM: set[tuple[str, str, str, tuple[int, ...]]] = set()
+#: ``torch.compile`` mode of ``compile=True``: autotuned kernels, no CUDA graphs (tiles vary).
+DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
+CompiledKey = tuple[str, str, str, str]
+#: ``torch.compile``d networks of this process, by (network content, device, precision, mode).
+_COMPILED: dict[CompiledKey, Any] = {}
+#: (network content, device, precision, mode, input shape) that have run once: compiled.
+_WARM: set[tuple[str, str, str, str, tuple[int, ...]]] = set()
 
 
 def network_key(module: torch.nn.Module) -> str:
@@ -109,22 +113,23 @@ def network_key(module: torch.nn.Module) -> str:
 
 
 def compiled_network(
-    module: torch.nn.Module, device: torch.device, precision: str
-) -> tuple[Any, tuple[str, str, str]]:
-    """``torch.compile(module)``, once per (network content, device, precision) in a process.
+    module: torch.nn.Module, device: torch.device, precision: str,
+    mode: str = DEFAULT_COMPILE_MODE,
+) -> tuple[Any, CompiledKey]:  # fmt: skip
+    """``torch.compile(module, mode=mode)``, once per (network content, device, precision, mode).
 
     A second run of the same network (a new predictor, the same weights) reuses the compiled
     module: it compiles (and autotunes) nothing again for a tile shape it has seen. Across
     processes, torch's own on-disk caches (Inductor's FX graph and autotuning caches, on by
     default) shorten the first compile. Returns the compiled module and its cache key.
     """
-    key = (network_key(module), str(device), precision)
+    key = (network_key(module), str(device), precision, mode)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(module, mode="max-autotune-no-cudagraphs", dynamic=False)
+        _COMPILED[key] = torch.compile(module, mode=mode, dynamic=False)
     return _COMPILED[key], key
 
 
-def mark_warm(key: tuple[str, str, str], shape: tuple[int, ...]) -> bool:
+def mark_warm(key: CompiledKey, shape: tuple[int, ...]) -> bool:
     """Record that ``key`` ran on ``shape``; True if it had not before (that call compiled)."""
     entry = (*key, tuple(shape))
     first = entry not in _WARM
@@ -132,7 +137,7 @@ def mark_warm(key: tuple[str, str, str], shape: tuple[int, ...]) -> bool:
     return first
 
 
-def is_warm(key: tuple[str, str, str], shape: tuple[int, ...]) -> bool:
+def is_warm(key: CompiledKey, shape: tuple[int, ...]) -> bool:
     """Whether the compiled network ``key`` already ran on ``shape`` in this process."""
     return (*key, tuple(shape)) in _WARM
 

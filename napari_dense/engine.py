@@ -41,6 +41,8 @@ from ._transfer import (
 from .convert import densify
 from .dense import DenseClassifier
 from .device import (
+    DEFAULT_COMPILE_MODE,
+    CompiledKey,
     compiled_network,
     cuda_settings,
     is_warm,
@@ -226,7 +228,8 @@ class TiledPredictor:
         Output pixels per tile side (or ``(ty, tx)``); None chooses from ``memory_budget``.
     compile
         Compile the network with ``torch.compile``: once per (network, precision, device) and
-        tile shape in a process (:func:`napari_dense.device.compiled_network`).
+        tile shape in a process (:func:`napari_dense.device.compiled_network`); True uses
+        :data:`~napari_dense.device.DEFAULT_COMPILE_MODE`, a string is the mode.
     output_dtype
         ``"float32"``, ``"float16"`` or ``"uint8"`` (``round(p * 255)``): the dtype results come
         back from the device in (a store of that dtype writes them unchanged).
@@ -254,7 +257,7 @@ class TiledPredictor:
         tile: int | tuple[int, int] | None = None,
         memory_budget: int | None = None,
         memory_check: MemoryCheck | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         non_finite: str = "refuse",
         output_dtype: str = "float32",
     ):
@@ -284,10 +287,11 @@ class TiledPredictor:
         # tile reads the same window shape, so a run compiles once, in its warm-up call; the
         # compiled module is kept for later runs of the same network in this process.
         self._network: Any = self.dense
-        self._compiled_key: tuple[str, str, str] | None = None
+        self._compiled_key: CompiledKey | None = None
         if compile:
+            mode = compile if isinstance(compile, str) else DEFAULT_COMPILE_MODE
             self._network, self._compiled_key = compiled_network(
-                self.dense, self.device, self.precision
+                self.dense, self.device, self.precision, mode
             )
         # Windows travel as stored (uint8: a quarter of float32's bytes), become float32 on
         # the device (napari_dense._transfer).

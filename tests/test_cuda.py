@@ -186,9 +186,9 @@ def test_a_compiled_network_compiles_once_per_process() -> None:
     model, patch, channels = he_model("15x15")
     image = uint8_image(128, channels)
     options = {"normalisation": NORM, "activation": "softmax", "tile": 64, "device": "cuda"}
-    first = make_predictor(image, model, patch, compile=True, **options)
+    first = make_predictor(image, model, patch, compile="default", **options)
     compiled = assemble(first.run(first.tasks()), (4, 128, 128))
-    second = make_predictor(image, model, patch, compile=True, **options)  # a new conversion
+    second = make_predictor(image, model, patch, compile="default", **options)  # a new conversion
     again = assemble(second.run(second.tasks()), (4, 128, 128))
     assert first.first_call_seconds > 0 and second.first_call_seconds == 0.0
     np.testing.assert_array_equal(again, compiled)

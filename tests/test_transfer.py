@@ -232,6 +232,7 @@ def test_a_network_compiles_once_per_content_precision_and_device() -> None:
     again, same = compiled_network(nd.densify(model, 15), cpu, "float32")  # a new conversion
     assert again is first and same == key
     assert compiled_network(nd.densify(model, 15), cpu, "bfloat16")[0] is not first
+    assert compiled_network(nd.densify(model, 15), cpu, "float32", "default")[0] is not first
     torch.manual_seed(1)
     other = nd.densify(fdfe15(num_classes=2).eval(), 15)
     assert compiled_network(other, cpu, "float32")[0] is not first
