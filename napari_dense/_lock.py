@@ -5,7 +5,7 @@ The lock is an operating-system file lock (:mod:`filelock`: ``flock`` on Unix) o
 SIGKILL, a crash, a closed laptop lid that ends the session. A lock left by a dead process is
 therefore recovered without anyone deleting a file. Beside it, ``.napari_dense_owner.json``
 names the current owner (PID, host, start time) for the refusal message; it is informational
-only and may be stale.
+only, removed on release, and left (stale) only by a process that died.
 
 Only runs that write take the lock (:func:`napari_dense.to_zarr.prepare_run`, ``create``,
 ``finalize``); opening a store to read it never does.
@@ -29,7 +29,7 @@ __all__ = ["LOCK_FILE", "OWNER_FILE", "StoreLockedError", "WriterLock"]
 
 #: The file the lock is taken on (empty; kept after release so that waiters share one inode).
 LOCK_FILE: Final = ".napari_dense.lock"
-#: Who holds (or last held) the lock: ``{"pid", "host", "started"}``.
+#: Who holds the lock: ``{"pid", "host", "started"}`` (stale after a crash).
 OWNER_FILE: Final = ".napari_dense_owner.json"
 
 
@@ -101,8 +101,16 @@ class WriterLock:
             pass
 
     def release(self) -> None:
-        """Release the lock if held (safe to call more than once)."""
+        """Release the lock if held (safe to call more than once); the owner file goes first.
+
+        A finished map keeps no PID or host name; removed while the lock is still held, so
+        that the next owner's file is never the one deleted.
+        """
         if self.held:
+            try:
+                (self.store_path / OWNER_FILE).unlink(missing_ok=True)
+            except OSError:
+                pass
             self._lock.release(force=True)
 
     def owner(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import zarr
 
+from napari_dense._lock import OWNER_FILE
 from napari_dense.fingerprint import FINGERPRINT_KEY, ResumeMismatchError, differences
 from napari_dense.models import fdfe15
 from napari_dense.store import MARKER_DIR, ProbabilityStore, StoreLockedError
@@ -244,3 +245,5 @@ def test_finalize_releases_the_lock(tmp_path, model, image) -> None:
     store = predict_to_zarr(image, model, tmp_path / "map.zarr", **SETTINGS)
     assert not store.holds_lock and store.is_complete()
     assert (tmp_path / "map.zarr" / MARKER_DIR).is_dir()
+    # A finished map keeps no PID or host name.
+    assert not (tmp_path / "map.zarr" / OWNER_FILE).exists() and store.lock_owner() == {}
