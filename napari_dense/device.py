@@ -52,7 +52,10 @@ def supports_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively (CUDA with bf16 support; never the CPU)."""
     if device.type != "cuda":
         return False
-    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.5: no emulation to exclude
+        return bool(torch.cuda.is_bf16_supported())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

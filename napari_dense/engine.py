@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = ("softmax", "sigmoid", "none")
+#: Windows read ahead (and reading threads) on CUDA, where reading bounds a tile, not the GPU.
+READ_AHEAD = 3
 #: Smallest tile side accepted: every tile also reads and computes a patch-sized halo, so below
 #: this the halo costs more than the tile itself, and a 512² image would take 1,000+ tiles.
 MIN_TILE = 16
@@ -490,26 +492,29 @@ class TiledPredictor:
             return
         cuda = self.device.type == "cuda"
         depth = 2 if cuda else 1
+        # Windows read ahead, in as many threads (zarr decoding and numpy gathers release the GIL):
+        # on CUDA the reads, not the GPU, bound a tile; elsewhere one, as the compute is slower.
+        ahead = READ_AHEAD if cuda else 1
         if cuda or self._compiled_key is not None:
             self.warm_up()
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         total = len(todo)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-dense-read") as reader:
+        with ThreadPoolExecutor(ahead, thread_name_prefix="napari-dense-read") as reader:
 
             def timed_read(leading: tuple[int, ...], tile: Tile) -> tuple[np.ndarray, float]:
                 start = time.perf_counter()
                 return self.read(leading, tile), time.perf_counter() - start
 
             def windows() -> Iterator[tuple[int, tuple[int, ...], Tile, np.ndarray, float]]:
-                # ``depth`` windows read ahead: the next tiles' reads overlap this one's compute.
+                # ``ahead`` windows read ahead: the next tiles' reads overlap this one's compute.
                 pending: deque[Future[tuple[np.ndarray, float]]] = deque()
-                for index in range(min(depth, total)):
+                for index in range(min(ahead, total)):
                     pending.append(reader.submit(timed_read, *todo[index]))
                 for index, (leading, tile) in enumerate(todo):
                     window, read_seconds = pending.popleft().result()
-                    if index + depth < total:
-                        pending.append(reader.submit(timed_read, *todo[index + depth]))
+                    if index + ahead < total:
+                        pending.append(reader.submit(timed_read, *todo[index + ahead]))
                     yield index, tuple(int(i) for i in leading), tile, window, read_seconds
 
             if not cuda:

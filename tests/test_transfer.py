@@ -291,3 +291,23 @@ def test_float16_windows_are_still_checked_for_nan(model) -> None:
         list(iter_predict(image, model, 15, tile=16, device="cpu"))
     zeroed = list(iter_predict(image, model, 15, tile=16, device="cpu", non_finite="zero"))
     assert all(np.isfinite(r.probabilities).all() for r in zeroed)
+
+
+def test_the_engine_through_the_pipeline_equals_its_compute(model) -> None:
+    # The CUDA path's order (copy in, compute, copy out, two tiles in flight) with CPU tensors.
+    image = np.random.default_rng(2).integers(0, 256, (40, 37)).astype(np.uint8)
+    norm = {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}
+    predictor = make_predictor(image, model, 15, normalisation=norm, activation="softmax",
+                               tile=16, device="cpu", output_dtype="uint8")  # fmt: skip
+    shape = (1, *predictor.plan.input_shape)
+    backend = FakeBackend()
+    pipeline = TransferPipeline(StagingPool(2, shape, torch.uint8, torch.device("cpu")), backend)
+
+    def launch(task):
+        return predictor._launch(pipeline, predictor.read(*task), task[1], task)
+
+    results = list(pipelined(predictor.tasks(), launch, lambda f: (f.context, pipeline.finish(f))))
+    assert len(results) == 9 and backend.log.count(("keep_alive", "out")) == 9
+    for (leading, tile), (got, _) in results:
+        assert got.dtype == np.uint8 and got.shape == (3, *tile.shape)
+        np.testing.assert_array_equal(got, predictor.compute(predictor.read(leading, tile), tile))
