@@ -6,7 +6,7 @@ import datetime as _dt
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,15 @@ def prepare_run(
     compile: bool = False,
     non_finite: str = "refuse",
     pyramid_levels: int | str = 0,
+    protect: Sequence[str | os.PathLike[str]] = (),
 ) -> tuple[TiledPredictor, ProbabilityStore]:
     """Open the image, convert the model, plan the tiles and create (or reopen) the store.
 
     The store holds its writer lock (released by :func:`iter_into_store` when it stops, or by
     ``store.finalize()``). ``pyramid_levels`` (``N`` or ``"auto"``) makes a new store's pyramid
-    levels at once, filled as tiles land; a resumed store keeps its own.
+    levels at once, filled as tiles land; a resumed store keeps its own. ``protect``: more
+    paths that ``overwrite`` must never delete (the GUI passes the layer's source file); the
+    input's own path (a path argument, an opened zarr array, a memmap) is always protected.
 
     Raises
     ------
@@ -93,7 +96,7 @@ def prepare_run(
     path = Path(output)
     axes = _OUTPUT_AXES[len(source.leading_shape)]
     shape = _output_shape(axes, source.leading_shape, setup.dense.num_classes, source.plane_shape)
-    protect = _input_paths(image, source.path)
+    protect = [*_input_paths(image, source.path), *(os.fspath(p) for p in protect)]
     fingerprint = run_fingerprint(
         network=predictor.dense,
         model_file_sha256=setup.provenance.get("model_sha256"),

@@ -118,6 +118,13 @@ def test_an_opened_zarr_array_is_protected_as_well(input_zarr, model) -> None:
     assert tree(input_zarr) == before
 
 
+def test_the_gui_protects_a_layer_source_it_passes_as_an_array(input_zarr, image, model) -> None:
+    before = tree(input_zarr)
+    with pytest.raises(OverwriteRefusedError, match="is the input image"):
+        run(image, model, input_zarr, overwrite=True, protect=[input_zarr])
+    assert tree(input_zarr) == before
+
+
 def test_the_cli_refuses_in_one_line_and_keeps_the_input(input_zarr, capsys) -> None:
     before = tree(input_zarr)
     argv = ["predict", "15x15", str(input_zarr), "-o", str(input_zarr), "--overwrite"]
