@@ -80,6 +80,9 @@ def prepare_run(
     """
     if overwrite and resume:
         raise InputError("choose either overwrite or resume, not both")
+    if resume and tile is None:
+        # The automatic tile size depends on free memory: a resume keeps the run's tiles.
+        tile = _tile_of(Path(output))
     predictor = make_predictor(
         image, model, patch_size, mode=mode, channel_axis=channel_axis, level=level,
         normalisation=normalisation, activation=activation, class_names=class_names,
@@ -190,6 +193,16 @@ def _reopen(path: Path, fingerprint: dict[str, Any], protect: list[str]) -> Prob
         store.release_lock()
         raise
     return store
+
+
+def _tile_of(path: Path) -> tuple[int, int] | None:
+    """The tile size of the store at ``path``, None when there is no readable store."""
+    if not path.is_dir():
+        return None
+    try:
+        return ProbabilityStore.open(path).tile_shape
+    except InputError:
+        return None
 
 
 def remaining_tasks(

@@ -125,6 +125,16 @@ def test_resume_with_the_same_run_gives_the_uninterrupted_bytes(tmp_path, model,
     np.testing.assert_array_equal(store.read(), reference)
 
 
+def test_resume_without_a_tile_size_keeps_the_runs_tiles(tmp_path, model, image, reference):
+    out = tmp_path / "map.zarr"
+    partial(out, image, model)
+    # The automatic size would differ (it depends on free memory); the store's is used.
+    store = predict_to_zarr(image, model, out, resume=True, patch_size=15, device="cpu",
+                            memory_budget=2**20)  # fmt: skip
+    assert store.is_complete() and store.tile_shape == (16, 16)
+    np.testing.assert_array_equal(store.read(), reference)
+
+
 def test_an_image_file_changed_on_disk_is_noticed(tmp_path, model, image) -> None:
     path = tmp_path / "img.npy"
     np.save(path, image)
