@@ -109,7 +109,7 @@ def prepare_run(
         interpolation=interpolation,
         normalisation=setup.normalisation,
         activation=setup.activation,
-        precision=precision,
+        precision=predictor.precision,  # resolved: "auto" may mean bfloat16 or float32
         non_finite=non_finite,
         dtype=dtype,
         tile=predictor.plan.tile_shape,
