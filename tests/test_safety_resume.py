@@ -257,3 +257,19 @@ def test_finalize_releases_the_lock(tmp_path, model, image) -> None:
     assert (tmp_path / "map.zarr" / MARKER_DIR).is_dir()
     # A finished map keeps no PID or host name.
     assert not (tmp_path / "map.zarr" / OWNER_FILE).exists() and store.lock_owner() == {}
+
+
+def test_the_cli_lists_the_differences_in_one_line(tmp_path, image, capsys) -> None:
+    from napari_dense.cli import main
+
+    np.save(tmp_path / "img.npy", image)
+    common = ["predict", "15x15", str(tmp_path / "img.npy"), "-o", str(tmp_path / "m.zarr")]
+    assert main([*common, "--tile", "16", "--device", "cpu", "--quiet"]) == 0
+    before = tree(tmp_path / "m.zarr")
+    capsys.readouterr()
+    argv = [*common, "--tile", "32", "--border", "constant", "--resume", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tile size [16, 16] → [32, 32]" in err
+    assert "border 'reflect' → 'constant'" in err and "--overwrite" in err
+    assert tree(tmp_path / "m.zarr") == before
