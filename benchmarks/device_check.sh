@@ -14,7 +14,7 @@
 #
 # On a bare machine (Python 3.12 and torch, nothing else, no network), --wheels DIR installs the
 # project's other dependencies and the project itself (--no-deps) from DIR with
-# `pip install --no-index --target OUT/site`, downloading nothing (`make rehearse-device`
+# `pip install --no-index --target` a scratch folder, downloading nothing (`make rehearse-device`
 # fills device_wheels/ and rehearses this on a CPU). Without --wheels the current Python's
 # packages are used.
 #
@@ -62,6 +62,10 @@ if [ -z "$ANCHOR" ] && [ -f "$REPO/../shared/gpu_anchor/bench_anchor.py" ]; then
     ANCHOR="$REPO/../shared/gpu_anchor/bench_anchor.py"
 fi
 command -v "$PY" >/dev/null 2>&1 || fail "no Python interpreter $PY; pass --python"
+
+# Scratch space outside OUT (installed packages, gigabytes of test images), removed at exit.
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/napari-dense-check.XXXXXX")" || fail "cannot create a scratch folder"
+trap 'rm -rf "$WORK"' EXIT
 
 # Total budget (seconds) and each step's limit: the steps' limits add up to the budget.
 if [ "$DRY" = 1 ]; then BUDGET=300; else BUDGET=470; fi
@@ -124,7 +128,7 @@ step() {
 
 # -- install (bare machine): dependencies and the project from the wheel folder, nothing else.
 if [ -n "$WHEELS" ]; then
-    SITE="$OUT_DIR/site"
+    SITE="$WORK/site"
     install_from_wheels() {
         "$PY" -m pip install --no-index --find-links "$WHEELS" --target "$SITE" --quiet \
             --disable-pip-version-check "${DEPS[@]}" &&
@@ -184,7 +188,7 @@ else
 fi
 
 # -- the engine end to end: uint8 zarr -> uint8 OME-Zarr map, bf16, first call apart
-ENGINE_WORK="$OUT_DIR/engine_work"
+ENGINE_WORK="$WORK/engine"
 run_engine() {
     "$PY" benchmarks/bench_engine.py --device "$DEVICE" "${ENGINE_ARGS[@]}" --precisions bfloat16 \
         --store-dtype uint8 --workdir "$ENGINE_WORK" --json "$OUT_DIR/bench_engine.json"
