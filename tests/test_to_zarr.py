@@ -129,7 +129,9 @@ def crash_inputs(tmp_path_factory, model, image) -> tuple[Path, Path, np.ndarray
 
 
 @pytest.mark.parametrize("point", ["start", "middle", "finalize"])
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=str)
+@pytest.mark.parametrize(
+    "signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name
+)
 def test_a_run_stopped_by_a_signal_resumes_to_identical_bytes(
     tmp_path, model, crash_inputs, point, signum
 ) -> None:
