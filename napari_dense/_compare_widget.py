@@ -19,7 +19,9 @@ from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QApplication, QTabWidget
 
 from ._frontier_view import FrontierView
-from ._widget import _image_data, _visible_box, dense_widget_of
+from ._layers import image_data as _image_data
+from ._layers import visible_box as _visible_box
+from ._widget import dense_widget_of
 from .compare import ModeComparison, compare_modes
 
 __all__ = ["CompareModesWidget"]

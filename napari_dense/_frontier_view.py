@@ -37,7 +37,9 @@ from qtpy.QtWidgets import (
     QTableWidgetItem,
 )
 
-from ._widget import _image_data, _visible_box, dense_widget_of
+from ._layers import image_data as _image_data
+from ._layers import visible_box as _visible_box
+from ._widget import dense_widget_of
 from ._workers import reporting_errors
 from .device import resolve_device
 from .frontier import Frontier, FrontierRow, frontier_size, iter_frontier, layer_groups

@@ -30,27 +30,46 @@ def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
 def write_probability_maps(
     path: str, layer_data: list[tuple[Any, dict[str, Any], str]]
 ) -> list[str]:
-    """napari writer hook: one or more 2-D image layers -> one OME-Zarr map, one class each."""
-    arrays = [np.asarray(data, dtype=np.float32) for data, _, _ in layer_data]
-    if any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) != 1:
+    """napari writer hook: one or more 2-D image layers -> one OME-Zarr map, one class each.
+
+    Multiscale layers (the live overlay) are written from their full-resolution level, one
+    chunk at a time: a whole-slide map is never held in memory.
+    """
+    levels = [data[0] if meta.get("multiscale") else data for data, meta, _ in layer_data]
+    shapes = {tuple(np.shape(level)) for level in levels}
+    if any(len(shape) != 2 for shape in shapes) or len(shapes) != 1:
         raise ValueError("napari-dense writes 2-D probability layers of one shape (Y, X)")
     names = [meta.get("name", f"class {k}") for k, (_, meta, _) in enumerate(layer_data)]
     names = [name.removesuffix(" (napari-dense)") for name in names]
-    height, width = arrays[0].shape
+    height, width = shapes.pop()
     chunks = (min(CHUNK, height), min(CHUNK, width))
     store = ProbabilityStore.create(
         path,
-        shape=(len(arrays), height, width),
+        shape=(len(levels), height, width),
         axes="cyx",
         chunks=chunks,
         class_names=names,
         attributes=_provenance(layer_data[0][1]),
         overwrite=True,
     )
-    stacked = np.stack(arrays)
+    scales = [
+        _to_probability_scale(meta, level)
+        for level, (_, meta, _) in zip(levels, layer_data, strict=True)
+    ]
     for y0 in range(0, height, chunks[0]):
         for x0 in range(0, width, chunks[1]):
             y1, x1 = min(y0 + chunks[0], height), min(x0 + chunks[1], width)
-            store.write_tile((), (y0, y1, x0, x1), stacked[:, y0:y1, x0:x1])
+            block = np.stack(
+                [
+                    np.asarray(level[y0:y1, x0:x1], dtype=np.float32) * scale
+                    for level, scale in zip(levels, scales, strict=True)
+                ]
+            )
+            store.write_tile((), (y0, y1, x0, x1), block)
     store.finalize(attributes={"complete": True})
     return [path]
+
+
+def _to_probability_scale(_meta: dict[str, Any], level: Any) -> float:
+    """1/255 for a uint8 map (stored ``round(p * 255)``), else 1."""
+    return 1 / 255 if np.dtype(getattr(level, "dtype", np.float32)) == np.uint8 else 1.0

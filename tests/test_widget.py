@@ -18,6 +18,7 @@ from qtpy.QtCore import QTimer
 import napari_dense as nd
 from napari_dense._compare_widget import CompareModesWidget
 from napari_dense._widget import DenseInferenceWidget
+from napari_dense.engine import TileResult
 from napari_dense.model_files import ModelMetadata, save_classifier
 from napari_dense.models import patchnet32
 
@@ -36,6 +37,20 @@ def model_and_file(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     return model, path
 
 
+@pytest.fixture(autouse=True)
+def _fresh_session_cache(tmp_path, monkeypatch) -> None:
+    """Each test its own cache folder; a dialog nobody answers fails instead of hanging."""
+    cache = tmp_path / "session-cache"
+    cache.mkdir()
+    monkeypatch.setattr("napari_dense._output_dialog._SESSION", [cache])
+
+    def unexpected(*_args, **_kwargs):
+        raise AssertionError("a dialog was opened that the test did not expect")
+
+    for name in ("ask_existing_output", "choose_output", "confirm_code_execution"):
+        monkeypatch.setattr(f"napari_dense._output_dialog.{name}", unexpected)
+
+
 @pytest.fixture
 def image() -> np.ndarray:
     return np.random.default_rng(0).random((70, 83, 3), dtype=np.float32)
@@ -46,7 +61,8 @@ def _wait(qtbot, widget: DenseInferenceWidget, timeout: int = 120_000) -> None:
 
 
 def _output(widget: DenseInferenceWidget) -> np.ndarray:
-    return np.stack([np.asarray(layer.data) for layer in widget._output_layers])
+    # What the overlay's full-resolution level shows (read through its views, as napari does).
+    return np.stack([np.asarray(layer.data[0]) for layer in widget._output_layers])
 
 
 @pytest.fixture
@@ -145,8 +161,8 @@ def test_tied_layers_switch_together(make_napari_viewer, tmp_path) -> None:
     assert widget._preset.value == "Custom" and "pixels computed" in widget._estimate.value
 
 
-def test_cancel_keeps_finished_tiles_and_a_second_run_works(
-    qtbot, make_napari_viewer, model_and_file
+def test_cancel_keeps_finished_tiles_and_resume_finishes_them(
+    qtbot, make_napari_viewer, model_and_file, monkeypatch
 ) -> None:
     model, path = model_and_file
     image = np.random.default_rng(1).random((256, 256, 3), dtype=np.float32)
@@ -157,18 +173,29 @@ def test_cancel_keeps_finished_tiles_and_a_second_run_works(
     widget._tile.value = 16  # 256 tiles: a cancel lands well before the end
     worker = widget.run()
     assert worker is not None
-    seen: list[int] = []
-    worker.yielded.connect(lambda result: (seen.append(result.index), widget.cancel()))
+    worker.yielded.connect(lambda item: isinstance(item, TileResult) and widget.cancel())
     _wait(qtbot, widget)
-    done = widget._store.completed_tiles()
-    assert 1 <= len(done) < widget._bar.max
-    assert not widget._store.is_complete() and "stopped" in widget._status.value
+    store = widget._store
+    done = store.completed_tiles()
+    assert 1 <= len(done) < widget._tiles_total == 256
+    assert not store.is_complete() and "stopped" in widget._status.value
     expected = nd.predict(image, model, 32)
     out = _output(widget)
     for _, (y0, y1, x0, x1) in done:
         np.testing.assert_allclose(out[:, y0:y1, x0:x1], expected[:, y0:y1, x0:x1], atol=1e-5)
-    assert widget.run() is not None  # the widget is usable again
+    # Run again: the same run's output exists, the user picks Resume.
+    asked: list[Path] = []
+    monkeypatch.setattr(
+        "napari_dense._output_dialog.ask_existing_output",
+        lambda output, parent=None: asked.append(output) or "resume",
+    )
+    assert widget.run() is not None
     _wait(qtbot, widget)
+    assert asked == [store.path]
+    assert widget._store.path == store.path and widget._store.is_complete()
+    assert (
+        f"({len(done)} already done)" in widget._status.value or "done in" in widget._status.value
+    )
     np.testing.assert_allclose(_output(widget), expected, atol=1e-5)
 
 
@@ -245,13 +272,12 @@ def test_writer_round_trip_with_napari_ome_zarr(qtbot, dense_widget, tmp_path) -
 def test_a_torch_error_during_a_run_reaches_the_user(qtbot, dense_widget, monkeypatch) -> None:
     # torch raises RuntimeError (out of memory, ...), which superqt's workers would only warn
     # about: the run must end with a notification, not silently.
-    def failing_store_writer(*_args, **_kwargs):
+    def failing_compute(*_args, **_kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
-        yield  # a generator, like iter_into_store
 
     shown: list[str] = []
-    monkeypatch.setattr("napari_dense._widget.iter_into_store", failing_store_writer)
-    monkeypatch.setattr("napari_dense._widget.show_error", shown.append)
+    monkeypatch.setattr("napari_dense.engine.TiledPredictor.compute", failing_compute)
+    monkeypatch.setattr("napari_dense._run_panel.show_error", shown.append)
     assert dense_widget.run() is not None
     _wait(qtbot, dense_widget)
     assert any("CUDA out of memory (simulated)" in message for message in shown), shown
