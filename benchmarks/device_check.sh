@@ -26,11 +26,28 @@ set -uo pipefail
 usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 fail() { echo "device_check.sh: error: $*" >&2; exit 2; }
 
-# The project's runtime dependencies without torch (already there) and without scikit-image and
-# matplotlib (imported only by the demo and the GUI), plus what the checks themselves use.
-DEPS=(numpy "dask[array]" distributed zarr tifffile pyyaml tqdm filelock pytest pytest-timeout psutil)
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+
+# The project's runtime dependencies (pyproject.toml) except torch (already there) and
+# scikit-image and matplotlib (imported only by the demo and the GUI), plus what the checks use.
+dependencies() {
+    "$PY" - "$REPO/pyproject.toml" <<'EOF'
+import re
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as pyproject:
+    required = tomllib.load(pyproject)["project"]["dependencies"]
+skip = {"torch", "scikit-image", "matplotlib"}
+for requirement in required:
+    if re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower() not in skip:
+        print(requirement)
+print("filelock", "pytest", "pytest-timeout", "psutil", sep="\n")
+EOF
+}
 
 DRY=0
+PRINT_DEPS=0
 WHEELS=""
 ANCHOR=""
 PY="${PYTHON:-python3}"
@@ -41,7 +58,7 @@ while [ $# -gt 0 ]; do
         --wheels) [ $# -ge 2 ] || fail "--wheels needs a folder"; WHEELS="$2"; shift ;;
         --anchor) [ $# -ge 2 ] || fail "--anchor needs the path of bench_anchor.py"; ANCHOR="$2"; shift ;;
         --python) [ $# -ge 2 ] || fail "--python needs an interpreter"; PY="$2"; shift ;;
-        --print-deps) printf '%s\n' "${DEPS[@]}"; exit 0 ;;
+        --print-deps) PRINT_DEPS=1 ;;
         -h | --help) usage; exit 0 ;;
         -*) fail "unknown option $1; see --help" ;;
         *) OUT_DIR="$1" ;;
@@ -49,7 +66,13 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
+command -v "$PY" >/dev/null 2>&1 || fail "no Python interpreter $PY; pass --python"
+mapfile -t DEPS < <(dependencies)
+[ "${#DEPS[@]}" -gt 4 ] || fail "cannot read the dependencies from $REPO/pyproject.toml with $PY (Python >= 3.11)"
+if [ "$PRINT_DEPS" = 1 ]; then
+    printf '%s\n' "${DEPS[@]}"
+    exit 0
+fi
 cd "$REPO" || exit 2
 OUT_DIR="${OUT_DIR:-device_check_out}"
 mkdir -p "$OUT_DIR" || fail "cannot create the output folder $OUT_DIR"
@@ -61,8 +84,6 @@ fi
 if [ -z "$ANCHOR" ] && [ -f "$REPO/../shared/gpu_anchor/bench_anchor.py" ]; then
     ANCHOR="$REPO/../shared/gpu_anchor/bench_anchor.py"
 fi
-command -v "$PY" >/dev/null 2>&1 || fail "no Python interpreter $PY; pass --python"
-
 # Scratch space outside OUT (installed packages, gigabytes of test images), removed at exit.
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/napari-dense-check.XXXXXX")" || fail "cannot create a scratch folder"
 trap 'rm -rf "$WORK"' EXIT
