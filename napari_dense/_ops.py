@@ -21,6 +21,7 @@ __all__ = [
     "DenseTracer",
     "align_spatial",
     "batch_to_space",
+    "channel_layer_norm",
     "crop_cat",
     "dense_conv2d",
     "dense_pool2d",
@@ -124,6 +125,18 @@ def dense_pool2d(
     return x
 
 
+def channel_layer_norm(
+    x: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``LayerNorm`` over the channels of every position of ``(N, C, H, W)``."""
+    out = F.layer_norm(x.permute(0, 2, 3, 1), normalized_shape, weight, bias, eps)
+    return out.permute(0, 3, 1, 2)
+
+
 def align_spatial(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Crop dense tensors to their common spatial size.
 
@@ -216,6 +229,6 @@ class DenseTracer(fx.Tracer):
 
 
 DENSE_OPS = (
-    align_spatial, batch_to_space, crop_cat, dense_conv2d, dense_pool2d, linear_as_conv2d,
-    phase_split, scatter_phases, space_to_batch,
+    align_spatial, batch_to_space, channel_layer_norm, crop_cat, dense_conv2d, dense_pool2d,
+    linear_as_conv2d, phase_split, scatter_phases, space_to_batch,
 )  # fmt: skip

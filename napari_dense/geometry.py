@@ -57,6 +57,9 @@ class Lattice:
     phases
         In phase-batch form only: the strides whose phases were moved into the batch dimension,
         in order (the batch is ``(phases of the last, ..., phases of the first, N)``).
+    channels_last
+        True while the patch network holds this map permuted to ``(N, h, w, C)`` (for a
+        ``LayerNorm`` or ``Linear`` over channels); the dense tensor is permuted alike.
     checkered
         For every checkered layer upstream, in order: the input-pixel offsets of the phases it
         kept. Each kept phase is carried in the batch dimension (the batch is ``(phases of the
@@ -66,6 +69,7 @@ class Lattice:
     dilation: Pair = (1, 1)
     step: Pair = (1, 1)
     flattened: tuple[int, int, int] | None = None
+    channels_last: bool = False
     phases: tuple[Pair, ...] = ()
     checkered: tuple[tuple[Pair, ...], ...] = ()
 

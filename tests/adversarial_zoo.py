@@ -309,6 +309,31 @@ def _hypercolumn_sum(m: Any, x: torch.Tensor) -> torch.Tensor:
     return m.fc(x.mean((2, 3)) + deep.mean((2, 3)))
 
 
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block: depthwise conv, LayerNorm and Linears channels last, residual crop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.dw = nn.Conv2d(8, 8, 3, groups=8)
+        self.ln = nn.LayerNorm(8)
+        self.pw1 = nn.Linear(8, 16)
+        self.pw2 = nn.Linear(16, 8)
+        self.h = nn.Conv2d(8, 3, 3)
+        self.out_norm = nn.LayerNorm(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.pw2(F.gelu(self.pw1(self.ln(y)))).softmax(-1).permute(0, 3, 1, 2)
+        return self.out_norm(self.h(y + x[:, :, 1:-1, 1:-1]).flatten(1))
+
+
+def _layer_norm_functional(m: Any, x: torch.Tensor) -> torch.Tensor:
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
+    return m.h(y).flatten(1)
+
+
 def _centre_crop_input(m: Any, x: torch.Tensor) -> torch.Tensor:
     return m.h(x).flatten(1)
 
@@ -335,6 +360,8 @@ BRANCHES: dict[str, tuple[Callable[[], nn.Module], int]] = {
         8,
     ),
     "centre_crop_input": (lambda: Lambda(_centre_crop_input, stem=CropInput(2), h=head(3, 5)), 9),
+    "convnext_block": (ConvNeXtBlock, 10),
+    "layer_norm_functional": (lambda: Lambda(_layer_norm_functional, h=head(8, 3)), 5),
     "channel_shuffle": (lambda: seq(nn.Conv2d(3, 8, 3), nn.ChannelShuffle(2), head(8, 3)), 5),
 }
 

@@ -119,6 +119,14 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], int, type[Exception], str]] = 
         lambda: nn.Sequential(pooled_stem(), nn.Conv2d(8, 2, 1)), 10, nd.PatchSizeError,
         r"returns \(N, 2, 3, 3\).*accepts square patches of size",
     ),
+    "permute_spatial_axes": (
+        _lambda(lambda m, x: m.h(x.permute(0, 1, 3, 2)).flatten(1), h=head(8, 3)), 5,
+        nd.UnsupportedLayerError, r"node 'permute' .*only moving the channels last",
+    ),
+    "layer_norm_over_the_map": (
+        _lambda(lambda m, x: m.h(m.ln(x)).flatten(1), ln=nn.LayerNorm([8, 3, 3]), h=head(8, 3)),
+        5, nd.UnsupportedLayerError, r"LayerNorm module 'ln'.*only a LayerNorm over the channels",
+    ),
     "float64_model": (
         lambda: nn.Sequential(pooled_stem(), head()).double(), 10, nd.InputError,
         r"weights are torch.float64, not float32: convert model.float\(\)",

@@ -23,10 +23,12 @@ from .optable import (
     _ELEMENTWISE_MODULES,
     _IDENTITY_FUNCTIONS,
     _IDENTITY_MODULES,
+    _LAYER_NORMS,
     _PER_PIXEL_ATEN,
     _PER_PIXEL_FUNCTIONS,
     _PER_PIXEL_METHODS,
     _PER_PIXEL_MODULES,
+    _PERMUTES,
     _REDUCE_FUNCTIONS,
     _REDUCE_METHODS,
     _RESHAPE_METHODS,
@@ -35,6 +37,7 @@ from .optable import (
     _SUPPORTED_ATEN,
     _TRAINING_MODE_HINT,
     _aten_equivalent,
+    _flat,
     _is_multi_output,
 )
 from .patchnet import _graph_output, _shape
@@ -107,6 +110,10 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
         if not isinstance(result, fx.Node) or result not in self.lattice:
             raise UnsupportedLayerError(
                 "the model must return one tensor of class scores computed from its input"
+            )
+        if self.lattice[result].channels_last:
+            raise UnsupportedLayerError(
+                "the model returns a channels-last map: permute it back (0, 3, 1, 2)"
             )
         flattened = self.lattice[result].flattened
         if flattened is not None and flattened[1:] != (1, 1):
@@ -187,6 +194,12 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
             self._softmax(node, x, module.dim, _SOFTMAX_MODULES[type(module)])
         elif isinstance(module, _ELEMENTWISE_MODULES):
             self._elementwise(node)
+        elif isinstance(module, nn.LayerNorm):
+            affine = [
+                self._get_attr(f"{node.target}.{key}") if getattr(module, key) is not None else None
+                for key in ("weight", "bias")
+            ]
+            self._layer_norm(node, x, module.normalized_shape, affine[0], affine[1], module.eps)
         elif type(module) in _PER_PIXEL_MODULES:
             attr = _PER_PIXEL_MODULES[type(module)]
             self._per_pixel(node, x, getattr(module, attr) if attr else 1)
@@ -196,7 +209,20 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
     def _call_function(self, node: fx.Node) -> None:
         target = node.target
         equivalent = _aten_equivalent(target)
-        if target in _PER_PIXEL_ATEN:
+        if target in _LAYER_NORMS:
+            kw = self._normalized(node)
+            self._layer_norm(
+                node,
+                kw["input"],
+                kw["normalized_shape"],
+                _env_or_none(self.env, kw.get("weight")),
+                _env_or_none(self.env, kw.get("bias")),
+                kw.get("eps", 1e-5),
+            )
+        elif target in _PERMUTES:
+            dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+            self._permute(node, node.args[0], _flat([dims]))
+        elif target in _PER_PIXEL_ATEN:
             self._per_pixel(node, node.args[0], _dim_of(node, *_PER_PIXEL_ATEN[target]))
         elif target in _ATEN_SLICE:
             self._aten_slice(node, node.args[0], self._normalized(node))
@@ -356,6 +382,8 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
         elif method in ("softmax", "log_softmax"):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             self._softmax(node, x, dim, F.softmax if method == "softmax" else F.log_softmax)
+        elif method == "permute":
+            self._permute(node, x, _flat(node.args[1:] or [node.kwargs.get("dims")]))
         elif method in _PER_PIXEL_METHODS:
             self._per_pixel(node, x, _dim_of(node, *_PER_PIXEL_METHODS[method]))
         elif method in _REDUCE_METHODS:

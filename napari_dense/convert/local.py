@@ -4,6 +4,8 @@
   ``dim=1``, ``GLU``/``chunk``/``split`` of channels, ``Softmax2d``, channel slicing): each
   output position reads the channels of the same position only, so the op runs unchanged on
   dense tensors, where dim 1 is still the channel axis.
+- *Channels last* (``x.permute(0, 2, 3, 1)`` then ``LayerNorm``/``Linear``/softmax over the
+  last dim, then back): the dense tensor is permuted alike; ops over its last dim act per pixel.
 - *Constant spatial slices* (``x[..., a:h - b, c:w - d]``: residual crops, centre crops): the
   patch feature ``(i, j)`` of the slice is feature ``(i + a, j + c)`` of the map, which the
   dense tensor holds ``a`` dilated rows further: the dense form drops the first ``a · dy``
@@ -14,10 +16,13 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import Any
 
+import torch.nn.functional as F
 from torch import fx
 
+from .. import _ops
 from .patchnet import _shape
 from .spatial import _static
 from .state import _BuilderState
@@ -32,7 +37,8 @@ class _LocalOps(_BuilderState):
         """An op over the channels of each position (``dim`` 1 of a map or a vector)."""
         shape = _shape(x)
         lattice = self.lattice[x]
-        if shape is None or dim is None or len(shape) not in (2, 4) or dim % len(shape) != 1:
+        channel = 3 if lattice.channels_last else 1
+        if shape is None or dim is None or len(shape) not in (2, 4) or dim % len(shape) != channel:
             raise self._unsupported(
                 node,
                 f"it works along dim {dim} of {tuple(shape or ())}; only ops over the channel "
@@ -110,6 +116,8 @@ class _LocalOps(_BuilderState):
         assert shape is not None
         if bounds[0] != (0, shape[0], 1):
             raise self._unsupported(node, "it slices the batch dimension.")
+        if lattice.channels_last:
+            raise self._unsupported(node, "it slices a channels-last map. Hint: permute back.")
         if lattice.flattened is not None and bounds[1] != (0, shape[1], 1):
             raise self._unsupported(node, "it slices a flattened feature map.")
         spatial = bounds[2:] if len(shape) == 4 else []
@@ -133,5 +141,51 @@ class _LocalOps(_BuilderState):
                 (dense, (slice(None), slice(None), slice(top * dy, None), slice(left * dx, None))),
             )
         self.env[node] = dense
+        self.lattice[node] = lattice
+        self.receptive[node] = self.receptive[x]
+
+    def _permute(self, node: fx.Node, x: fx.Node, dims: Any) -> None:
+        """``permute``: to channels last ``(0, 2, 3, 1)`` and back ``(0, 3, 1, 2)`` only."""
+        shape, lattice = _shape(x), self.lattice[x]
+        order = tuple(d % 4 for d in dims) if shape is not None and len(shape) == 4 else None
+        to_last, to_first = (0, 2, 3, 1), (0, 3, 1, 2)
+        if order == (0, 1, 2, 3):
+            self._alias(node, x)
+            return
+        expected = to_first if lattice.channels_last else to_last
+        if lattice.flattened is not None or order != expected:
+            raise self._unsupported(
+                node,
+                f"it permutes {tuple(shape or ())} by {tuple(dims)}; only moving the channels "
+                "last (0, 2, 3, 1) and back (0, 3, 1, 2) densifies.",
+            )
+        self.env[node] = self.graph.call_method("permute", (self.env[x], order))
+        self.lattice[node] = replace(lattice, channels_last=not lattice.channels_last)
+        self.receptive[node] = self.receptive[x]
+
+    def _layer_norm(
+        self, node: fx.Node, x: fx.Node, shape: Any, weight: Any, bias: Any, eps: float
+    ) -> None:
+        """``LayerNorm`` over the channels (the last dim of a channels-last map, or a vector)."""
+        in_shape, lattice = _shape(x), self.lattice[x]
+        normalized = tuple(shape) if isinstance(shape, list | tuple) else (shape,)
+        if in_shape is None or normalized != in_shape[-1:] or lattice.flattened is not None:
+            raise self._unsupported(
+                node,
+                f"it normalises over {normalized} of {tuple(in_shape or ())}: only a LayerNorm "
+                "over the channels acts per pixel. Hint: x.permute(0, 2, 3, 1) before it.",
+            )
+        if len(in_shape) == 4 and lattice.channels_last:
+            self.env[node] = self.graph.call_function(
+                F.layer_norm, (self.env[x], normalized, weight, bias, eps)
+            )
+        elif len(in_shape) == 2:  # one vector per patch: its channels are dim 1 of the map
+            self.env[node] = self.graph.call_function(
+                _ops.channel_layer_norm, (self.env[x], normalized, weight, bias, eps)
+            )
+        else:
+            raise self._unsupported(
+                node, "LayerNorm over the last (spatial) axis of a map. Hint: permute first."
+            )
         self.lattice[node] = lattice
         self.receptive[node] = self.receptive[x]

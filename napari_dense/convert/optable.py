@@ -257,6 +257,7 @@ _SIGNATURES: dict[Any, tuple[str, ...]] = {
         "input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps",
     ),
     F.adaptive_avg_pool2d: ("input", "output_size"),
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
     F.adaptive_max_pool2d: ("input", "output_size", "return_indices"),
 }  # fmt: skip
 
@@ -292,3 +293,6 @@ _PER_PIXEL_ATEN = (
     )
 )
 _ATEN_SLICE = set(_aten_ops("slice.Tensor"))
+
+_LAYER_NORMS = {F.layer_norm, *_aten_ops("layer_norm.default")}
+_PERMUTES = {torch.permute, *_aten_ops("permute.default")}

@@ -72,7 +72,8 @@ class _PointwiseOps(_BuilderState):
             return self.graph.call_method("reshape", (self.env[arg], (*shape, 1, 1)))
         if "prelu" in str(getattr(node.target, "__name__", node.target)):
             return self.env[arg]  # prelu's weight is per channel (dim 1), whatever its rank
-        if (1, 1, *shape)[-2:] != (1, 1):  # right-aligned against (N, C, h, w)
+        spatial = slice(-3, -1) if lattice.channels_last else slice(-2, None)
+        if (1, 1, 1, *shape)[spatial] != (1, 1):  # right-aligned against the map's shape
             raise self._unsupported(
                 node,
                 f"it combines a feature map with a constant of spatial shape {shape[-2:]}, "
@@ -118,7 +119,8 @@ class _PointwiseOps(_BuilderState):
     def _softmax(self, node: fx.Node, x: fx.Node, dim: Any, function: Callable[..., Any]) -> None:
         """``function`` (softmax, log_softmax, softmin) over the class dimension."""
         shape = _shape(x)
-        if dim is None or shape is None or dim % len(shape) != 1:
+        channel = 3 if self.lattice[x].channels_last else 1
+        if dim is None or shape is None or dim % len(shape) != channel:
             raise self._unsupported(node, "softmax must run over the class dimension (dim=1).")
         if self.lattice[x].flattened is not None:
             raise self._unsupported(
@@ -128,7 +130,7 @@ class _PointwiseOps(_BuilderState):
                 "softmax to the class scores.",
             )
         # The class dimension is 1 in the dense tensor (N, K, H, W), whatever it was in (N, K).
-        self.env[node] = self.graph.call_function(function, (self.env[x],), {"dim": 1})
+        self.env[node] = self.graph.call_function(function, (self.env[x],), {"dim": channel})
         self._same_lattice(node, x)
 
     def _cat(self, node: fx.Node) -> None:
@@ -153,6 +155,10 @@ class _PointwiseOps(_BuilderState):
         lattice = self.lattice[x]
         if before is None or after is None:
             raise self._unsupported(node)
+        if lattice.channels_last and before != after:
+            raise self._unsupported(
+                node, "it reshapes a channels-last map. Hint: permute it back (0, 3, 1, 2) first."
+            )
         if len(after) < 2 or len(before) < 2 or after[0] != before[0]:
             raise self._unsupported(
                 node,

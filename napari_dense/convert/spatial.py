@@ -8,6 +8,7 @@ from itertools import pairwise
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .. import _ops
@@ -179,8 +180,8 @@ class _SpatialOps(_BuilderState):
                 f"adaptive pooling of a {size_in} map to {size_out} has windows of different "
                 "sizes. Hint: choose a patch size at which the windows are alike, or pool to 1x1.",
             )
-        window = (regular[0][0], regular[1][0])  # type: ignore[index]
-        step = (regular[0][1], regular[1][1])  # type: ignore[index]
+        window = (regular[0][0], regular[1][0])
+        step = (regular[0][1], regular[1][1])
         self._pool(
             node,
             x,
@@ -313,6 +314,15 @@ class _SpatialOps(_BuilderState):
     def _linear(self, node: fx.Node, x: fx.Node, weight: fx.Node, bias: fx.Node | None) -> None:
         lattice = self.lattice[x]
         in_shape = _shape(x)
+        if lattice.channels_last and in_shape is not None and len(in_shape) == 4:
+            # Over the channels of each pixel: the same call on the channels-last dense map.
+            self.env[node] = self.graph.call_function(F.linear, (self.env[x], weight, bias))
+            self._same_lattice(node, x)
+            out_shape = _shape(node)
+            assert out_shape is not None
+            self.costs.macs_per_pixel += out_shape[-1] * in_shape[-1] * lattice.density
+            self.costs.macs_per_patch += out_shape[-1] * in_shape[-1] * in_shape[1] * in_shape[2]
+            return
         if lattice.flattened is not None:
             kernel: Pair = lattice.flattened[1:]
         elif in_shape is not None and len(in_shape) == 2:

@@ -131,6 +131,10 @@ class _BuilderState:
         shape = _shape(x)
         if lattice.flattened is not None or shape is None or len(shape) != 4:
             raise self._unsupported(node, "it slides a window over a tensor that is not a map.")
+        if lattice.channels_last:
+            raise self._unsupported(
+                node, "it slides a window over a channels-last map. Hint: permute it back."
+            )
         return lattice
 
     def _get_attr(self, target: str) -> fx.Node:

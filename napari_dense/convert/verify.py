@@ -159,10 +159,12 @@ def _positions(
 
     chosen = [grid[0], grid[-1]]  # first and last position (the valid region's edges)
     seen = set().union(*(phases(p) for p in chosen))
-    for index in order:  # greedy: every position that adds a phase not seen yet
-        if grid[index] not in chosen and phases(grid[index]) - seen:
-            chosen.append(grid[index])
-            seen |= phases(grid[index])
+    while not needed <= seen:  # greedy: the position that adds the most phases not seen yet
+        best = max(order, key=lambda index: len(phases(grid[index]) - seen))
+        if not phases(grid[best]) - seen:
+            break  # the rest is never computed (checkered layers)
+        chosen.append(grid[best])
+        seen |= phases(grid[best])
     # A few random positions more, while the model's share of the cost stays below the dense
     # network's (large patches: the phase cover alone).
     dense_macs = plan.macs_per_pixel * _BATCH * (rows * sy) * (cols * sx)
