@@ -124,16 +124,18 @@ def build_parser(
         "Predict an image, tile by tile, into an OME-Zarr probability map",
         "  napari-dense predict model.pt2 slide.zarr -o map.zarr\n"
         "  napari-dense predict model.pt2 slide.zarr -o map.zarr --resume   # after Ctrl-C\n"
-        "  napari-dense predict model.pt2 slide.zarr -o map.zarr --scheduler local:4",
+        "  napari-dense predict model.pt2 slide.zarr -o map.zarr --scheduler local:4\n"
+        "  napari-dense predict model.pt2 slide.zarr -o map.zarr --scheduler local-cuda",
     )
     predict.add_argument("-o", "--output", required=True, help="output .zarr directory")
     predict.add_argument("--mode", default="advanced", help=_SAMPLING_HELP)
     predict.add_argument("--tile", type=int, help="output pixels per tile side (default: auto)")
     predict.add_argument(
         "--precision",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="arithmetic of the network (bfloat16/float16: autocast, faster, less exact)",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="arithmetic of the network: auto = bfloat16 on CUDA GPUs that support it, else "
+        "float32 (strict IEEE, TF32 off); bfloat16/float16 autocast: faster, less exact",
     )
     predict.add_argument(
         "--dtype",
@@ -153,7 +155,11 @@ def build_parser(
     predict.add_argument(
         "--overwrite", action="store_true", help="replace an existing napari-dense output"
     )
-    predict.add_argument("--scheduler", help="dask scheduler address (tcp://host:8786) or local:N")
+    predict.add_argument(
+        "--scheduler",
+        help="local:N (N worker processes), local-cuda (one worker per GPU) or a dask scheduler "
+        "address (tcp://host:8786)",
+    )
     predict.add_argument(
         "--compile",
         action="store_true",

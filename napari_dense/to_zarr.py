@@ -39,7 +39,7 @@ def prepare_run(
     channel_axis: int | None = None,
     level: int = 0,
     device: str | torch.device = "auto",
-    precision: str = "float32",
+    precision: str = "auto",
     border: str = "reflect",
     interpolation: str = "bilinear",
     tile: int | tuple[int, int] | None = None,
@@ -133,7 +133,7 @@ def prepare_run(
         "tile_size": list(predictor.plan.tile_shape),
         "device": str(predictor.device),
         "device_name": _device_name(predictor.device),
-        "precision": precision,
+        "precision": predictor.precision,  # resolved ("auto": bfloat16 on CUDA, else float32)
         "compiled": compile,
         "border": border,
         "interpolation": interpolation,
