@@ -60,6 +60,9 @@ class Lattice:
     channels_last
         True while the patch network holds this map permuted to ``(N, h, w, C)`` (for a
         ``LayerNorm`` or ``Linear`` over channels); the dense tensor is permuted alike.
+    reduced
+        The spatial axis (2 or 3) that the patch network has reduced away (``x.amax(3)``,
+        before the other axis is reduced too); the dense tensor keeps it.
     checkered
         For every checkered layer upstream, in order: the input-pixel offsets of the phases it
         kept. Each kept phase is carried in the batch dimension (the batch is ``(phases of the
@@ -70,6 +73,7 @@ class Lattice:
     step: Pair = (1, 1)
     flattened: tuple[int, int, int] | None = None
     channels_last: bool = False
+    reduced: int | None = None
     phases: tuple[Pair, ...] = ()
     checkered: tuple[tuple[Pair, ...], ...] = ()
 

@@ -205,6 +205,17 @@ POOLS: dict[str, tuple[Callable[[], nn.Module], int]] = {
         ),
         7,
     ),
+    "repeated_axis_max_mean": (
+        lambda: Lambda(lambda m, x: m.fc(x.amax(-1).mean(-1)), fc=nn.Linear(8, 3)),
+        6,
+    ),
+    "axis_reductions_keepdim": (
+        lambda: Lambda(
+            lambda m, x: m.h(x.mean(3, keepdim=True).amax(2, keepdim=True)).flatten(1),
+            h=nn.Conv2d(8, 3, 1),
+        ),
+        6,
+    ),
     "strided_conv_3": (lambda: seq(nn.Conv2d(3, 4, 3, stride=3), nn.ReLU(), head(4, 3)), 9),
     "stride_one_axis": (lambda: seq(nn.Conv2d(3, 4, 3, stride=(2, 1)), head(4, (3, 6))), (7, 8)),
 }

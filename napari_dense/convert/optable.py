@@ -17,8 +17,9 @@ from torch._ops import OpOverload, OpOverloadPacket
 _PHASES = ("dilated", "batch")
 
 _SUPPORTED = (
-    "Supported: Conv2d, Max/AvgPool2d, AdaptiveAvg/MaxPool2d, BatchNorm, activations and other "
-    "elementwise ops, add/mul/cat of branches, flatten/view + Linear, Softmax/LogSoftmax."
+    "Supported: pointwise ops (activations, arithmetic, BatchNorm), ops over the channels of "
+    "each pixel, Conv2d and pools, global reductions, flatten/view + Linear, constant crops, "
+    "add/mul/cat of branches (README 'What converts')."
 )
 
 # Modules and functions that act on every value (or every channel) independently: they run on
@@ -207,8 +208,9 @@ _ATEN_MULTI_OUTPUT = set(
 )  # fmt: skip
 _SUPPORTED_ATEN = (
     "Supported aten operators: conv2d/convolution, max/avg_pool2d, adaptive pools, mean/amax/sum "
-    "over (2, 3), linear/addmm, batch_norm, elementwise ops, cat, flatten/view/reshape, "
-    "softmax/log_softmax, dropout in eval mode."
+    "over (2, 3) or dim 1, linear/addmm, batch_norm, layer_norm, elementwise ops, cat, slice, "
+    "split/chunk, permute to channels last, flatten/view/reshape, softmax/log_softmax, dropout "
+    "in eval mode."
 )
 # Modules whose calls torch.export records (in nn_module_stack) around the aten operator they
 # become: the layer keeps its module's name, as in the fx path.

@@ -197,15 +197,31 @@ class _SpatialOps(_BuilderState):
         )
 
     def _reduce(self, node: fx.Node, x: fx.Node, kind: str, dim: Any, keepdim: bool) -> None:
-        """mean / amax / sum over both spatial axes: a global pooling head."""
-        in_shape = _shape(x)
+        """mean / amax / sum: over channels (per pixel), over one spatial axis then the other,
+        or over both (a global pooling head)."""
+        in_shape, lattice = _shape(x), self.lattice[x]
         dims = dim if isinstance(dim, list | tuple) else [dim]
-        if in_shape is not None and None not in dims and {d % len(in_shape) for d in dims} == {1}:
+        axes = {d % len(in_shape) for d in dims} if in_shape and None not in dims else set()
+        channel = 3 if lattice.channels_last else 1
+        if in_shape is not None and axes == {channel}:
             if len(in_shape) == 4 and not keepdim:
                 raise self._unsupported(
                     node, "a reduction over channels drops dim 1. Hint: pass keepdim=True."
                 )
-            self._per_pixel(node, x, 1)  # type: ignore[attr-defined]
+            self._per_pixel(node, x, channel)  # type: ignore[attr-defined]
+            return
+        if in_shape is not None and lattice.channels_last:
+            raise self._unsupported(
+                node, "it reduces spatial axes of a channels-last map. Hint: permute it back."
+            )
+        if in_shape is not None and len(in_shape) == 4 and axes in ({2}, {3}):
+            axis = axes.pop()
+            self._axis_pool(node, x, kind, axis, in_shape[axis], keep=keepdim)
+            return
+        if in_shape is not None and len(in_shape) == 3 and lattice.reduced and axes == {2}:
+            if keepdim:
+                raise self._unsupported(node, "keepdim=True after a reduced axis. Hint: drop it.")
+            self._axis_pool(node, x, kind, 5 - lattice.reduced, in_shape[2], keep=False)
             return
         if (
             in_shape is None
@@ -227,6 +243,27 @@ class _SpatialOps(_BuilderState):
             1 if kind == "sum" else None,
             op=f"{kind}(dim=(2, 3))",
             name=node.name,
+        )
+
+    def _axis_pool(
+        self, node: fx.Node, x: fx.Node, kind: str, axis: int, extent: int, *, keep: bool
+    ) -> None:
+        """A reduction over the whole extent of one spatial axis (``axis`` of the dense map)."""
+        lattice = self.lattice[x]
+        kernel: Pair = (extent, 1) if axis == 2 else (1, extent)
+        pool = "max" if kind == "max" else "avg"
+        self.env[node] = self.graph.call_function(
+            _ops.dense_pool2d,
+            (self.env[x], pool, kernel, self._emitted_dilation(lattice), (1, 1), (0, 0, 0, 0),
+             1.0 if kind == "sum" else None),
+        )  # fmt: skip
+        if keep:
+            self.lattice[node] = lattice
+        else:  # the first axis leaves a 3D patch tensor; the second, one vector per patch
+            self.lattice[node] = replace(lattice, reduced=None if lattice.reduced else axis)
+        rf, total = self.receptive[x], lattice.total_stride
+        self.receptive[node] = tuple(  # type: ignore[assignment]
+            rf[a] + (kernel[a] - 1) * total[a] for a in (0, 1)
         )
 
     def _spatial(

@@ -137,7 +137,11 @@ def _deviation(computed: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def _positions(
-    builder: _DenseGraphBuilder, plan: Any, rows: int, cols: int, generator: torch.Generator
+    builder: _DenseGraphBuilder,
+    plan: Any,
+    rows: int,
+    cols: int,
+    generator: torch.Generator,
 ) -> tuple[list[tuple[int, int, int]], bool]:
     """Output positions ``(image, row, col)`` that cover every phase of every striding layer."""
     (sy, sx) = plan.output_stride
@@ -165,9 +169,10 @@ def _positions(
             break  # the rest is never computed (checkered layers)
         chosen.append(grid[best])
         seen |= phases(grid[best])
-    # A few random positions more, while the model's share of the cost stays below the dense
-    # network's (large patches: the phase cover alone).
-    dense_macs = plan.macs_per_pixel * _BATCH * (rows * sy) * (cols * sx)
+    # A few random positions more, while the model's share of the cost stays near the dense
+    # network's (its outputs times MAC/px, times ~4 for the larger early maps): large patches
+    # get few besides the phase cover.
+    dense_macs = 4 * plan.macs_per_pixel * _BATCH * rows * cols
     extra = min(_MIN_POSITIONS, int(dense_macs // max(plan.macs_per_patch, 1.0)))
     for index in order:
         if len(chosen) >= len(grid) or extra <= 0:
