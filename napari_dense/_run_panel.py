@@ -52,6 +52,7 @@ class RunPanel:
         self._run_started = self._first_tile = self._prepared_at = 0.0
         self._computed = 0
         self._adding_layers = False
+        self._cancel_reason = ""
         self._deferred: list[Any] = []
         self._input_level = 0
         self._run_device, self._run_macs_per_pixel = "cpu", 0.0
@@ -61,7 +62,10 @@ class RunPanel:
         self._timer.timeout.connect(self._refresh)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
         self._viewer.scene.camera.events.center.connect(self._follow_view)
-        self.native.destroyed.connect(functools.partial(_cancel_on_close, self._stop_worker))
+        self._closed = False
+        # Qt deletes a widget's children before it announces its own end: listen to a child too.
+        for native in (self.native, self._status.native):
+            native.destroyed.connect(functools.partial(_cancel_on_close, self._on_closed))
 
     @property
     def _output_layers(self) -> list[Any]:
@@ -119,6 +123,7 @@ class RunPanel:
         self._tiles_done = self._tiles_shown = self._tiles_total = 0
         self._run_megapixels, self._first_tile = 0.0, 0.0
         self._run_started = time.perf_counter()
+        self._cancel_reason = ""
         self._set_running(True)
         self._status.value = "preparing (converting the model, planning tiles)…"
         worker.start()
@@ -171,6 +176,8 @@ class RunPanel:
     # -- worker events (GUI thread) ------------------------------------------------------------
 
     def _on_yield(self, item: Any) -> None:
+        if self._gone():
+            return
         if self._adding_layers:  # adding layers processes events: keep the order of events
             self._deferred.append(functools.partial(self._on_yield, item))
             return
@@ -180,9 +187,9 @@ class RunPanel:
                 self._on_prepared(item)
             finally:
                 self._adding_layers = False
-            deferred, self._deferred = self._deferred, []
-            for call in deferred:
-                call()
+                deferred, self._deferred = self._deferred, []
+                for call in deferred:
+                    call()
             return
         self._tiles_done += 1
         self._computed += 1
@@ -199,21 +206,25 @@ class RunPanel:
         layer = self._input_layer
         scale, translate = level_transform(layer, self._input_level)
         self._overlay = LiveOverlay(self._viewer, prepared.store, scale, translate)
-        self._overlay.show(self._class.value)  # type: ignore[attr-defined]
+        if self._gone():  # closed while the layers were added (that processes events)
+            return
         self._tiles_total = prepared.total
-        self._tiles_done = prepared.done
-        self._bar.max, self._bar.value = max(prepared.total, 1), prepared.done
+        self._tiles_done = self._tiles_shown = prepared.done
         self._run_device = prepared.predictor.device.type
         self._run_macs_per_pixel = prepared.predictor.dense.plan.macs_per_pixel
-        self._activity = progress(total=prepared.total, desc="napari-dense")  # activity dock
-        self._activity.update(prepared.done)
-        self._tiles_shown = prepared.done
+        self._overlay.show(self._class.value)  # type: ignore[attr-defined]
+        self._bar.max, self._bar.value = max(prepared.total, 1), prepared.done
         self._status.value = f"running on {prepared.predictor.device} · {prepared.total} tiles" + (
             f" ({prepared.done} already done)" if prepared.done else ""
         )
         self._timer.start()
+        # Last: napari's activity dock processes events (the widget may be closed meanwhile).
+        self._activity = progress(total=prepared.total, desc="napari-dense")
+        self._activity.update(prepared.done)
 
     def _refresh(self) -> None:
+        if self._gone():
+            return
         if self._overlay is not None:
             self._overlay.refresh()
         if not self._tiles_total:
@@ -243,6 +254,13 @@ class RunPanel:
             self._deferred.append(self._on_finished)
             return
         self._timer.stop()
+        if self._gone():  # no controls left to update
+            self._close_generator()
+            self._worker = None
+            if self._activity is not None:
+                self._activity.close()
+                self._activity = None
+            return
         elapsed = time.perf_counter() - self._run_started
         store = self._store
         self._close_generator()
@@ -256,7 +274,9 @@ class RunPanel:
             if store.is_complete():  # finalized by the worker
                 self._status.value = f"done in {elapsed:.1f} s · {store.path}"
                 show_info(f"napari-dense: probability map written to {store.path}")
-            elif not self._status.value.startswith("cancelled"):
+            elif self._cancel_reason:
+                self._status.value = self._cancel_reason
+            else:
                 self._status.value = f"stopped: {kept} tiles kept in {store.path}"
             self._bar.value = kept
         if self._overlay is not None:
@@ -286,7 +306,8 @@ class RunPanel:
     def _on_layer_removed(self, event: Any) -> None:
         if self._worker is not None and event.value is self._input_layer:
             self._worker.quit()
-            self._status.value = "cancelled: the input layer was removed"
+            self._cancel_reason = "cancelled: the input layer was removed"
+            self._status.value = self._cancel_reason
             show_warning(
                 f"napari-dense: the run was cancelled because its input layer "
                 f"{event.value.name!r} was removed; computed tiles are kept in {self._store_path()}"
@@ -299,7 +320,24 @@ class RunPanel:
     def _store_path(self) -> str:
         return str(self._store.path) if self._store is not None else "the output"
 
-    def _stop_worker(self) -> None:
+    def _gone(self) -> bool:
+        """Whether the widget was closed (then the run is cancelled and no control touched)."""
+        if not self._closed:
+            try:
+                self._status.native.objectName()
+            except RuntimeError:  # its Qt object was deleted
+                self._on_closed()
+        return self._closed
+
+    def _on_closed(self) -> None:
+        """The widget was closed (its Qt side is gone): cancel the run, touch no control."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._timer.stop()
+        except RuntimeError:  # the timer went with the application
+            pass
         if self._worker is not None:
             self._worker.quit()
 

@@ -8,7 +8,6 @@ builds the controls and keeps the estimate.
 
 from __future__ import annotations
 
-import inspect
 import json
 import weakref
 from collections.abc import Mapping
@@ -181,10 +180,13 @@ class DenseInferenceWidget(RunPanel, Container):
                 self._model_file.value = path
         exactness = "exact" if plan.exact else "NOT exact (see tooltip)"
         summary = (
-            f"{meta.name or path.stem}: patch {meta.patch_size[0]}x{meta.patch_size[1]}, "
+            f"{_elide(meta.name or path.stem, 40)}: "
+            f"patch {meta.patch_size[0]}x{meta.patch_size[1]}, "
             f"{meta.in_channels} channel(s), classes {', '.join(meta.class_names)} · {exactness}"
         )
-        details = summary if plan.exact else summary + "\n\n" + "\n".join(plan.inexact_reasons)
+        details = f"{meta.name or path.stem} ({path})\n{summary}"
+        if not plan.exact:
+            details += "\n\n" + "\n".join(plan.inexact_reasons)
         self._model_info.value = summary
         self._model_info.native.setToolTip(details)
         self._normalisation.value = json.dumps(meta.normalisation) if meta.normalisation else ""
@@ -374,23 +376,21 @@ class DenseInferenceWidget(RunPanel, Container):
         self._estimate.native.setToolTip(estimate.describe())
 
 
+def _elide(text: str, length: int) -> str:
+    """``text`` cut to ``length`` characters with an ellipsis (the tooltip has all of it)."""
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
 def _key(sampling: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(sampling.items()))
 
 
 def _load_asking(path: Path, parent: Any) -> LoadedClassifier | None:
     """Load a model file; a Python-file model only after the user agreed (None: refused)."""
-    refused = getattr(model_files, "CodeExecutionRefused", None)
-    if (
-        refused is None
-        or "trust_code" not in inspect.signature(model_files.load_classifier).parameters
-    ):
-        return model_files.load_classifier(path)
     try:
         return model_files.load_classifier(path, trust_code=False)
-    except refused as err:
-        code = Path(getattr(err, "path", path))
-        if not _output_dialog.confirm_code_execution(code, parent):
+    except model_files.CodeExecutionRefused as err:
+        if not _output_dialog.confirm_code_execution(Path(err.path), parent):
             return None
         return model_files.load_classifier(path, trust_code=True)
 
