@@ -216,6 +216,11 @@ POOLS: dict[str, tuple[Callable[[], nn.Module], int]] = {
         ),
         6,
     ),
+    "lp_pool": (lambda: seq(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.LPPool2d(2, 2), head(4, 3)), 8),
+    "lp_pool_3_overlapping": (
+        lambda: seq(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.LPPool2d(3, 3, stride=2), head(4, 2)),
+        8,
+    ),
     "strided_conv_3": (lambda: seq(nn.Conv2d(3, 4, 3, stride=3), nn.ReLU(), head(4, 3)), 9),
     "stride_one_axis": (lambda: seq(nn.Conv2d(3, 4, 3, stride=(2, 1)), head(4, (3, 6))), (7, 8)),
 }

@@ -59,6 +59,9 @@ class ChannelOp(nn.Module):
             return nn.functional.normalize(x, dim=1)
         if self.kind == "centre":
             return x - x.mean(1, keepdim=True) + x.amax(dim=1, keepdim=True)
+        if self.kind == "layer_norm_last":  # channels last and back (ConvNeXt)
+            y = nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],))
+            return y.permute(0, 3, 1, 2)
         if self.kind == "chunk":
             a, b = torch.cat([x, x], 1).chunk(2, dim=1)
             return a * torch.sigmoid(b)
@@ -94,7 +97,9 @@ def layer(draw: st.DrawFn, channels: int) -> tuple[list[nn.Module], int]:
             2 if join == "cat" else 1
         )
     if kind == "channels":
-        op = draw(st.sampled_from(["normalize", "centre", "chunk", "slice", "clone"]))
+        op = draw(
+            st.sampled_from(["normalize", "centre", "chunk", "slice", "clone", "layer_norm_last"])
+        )
         return [ChannelOp(op), act], max(1, channels // 2) if op == "slice" else channels
     return [nn.BatchNorm2d(channels)], channels
 

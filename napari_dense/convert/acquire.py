@@ -98,7 +98,7 @@ def _graph_of(
         try:
             # Never touch the caller's model: trace a copy, in eval mode (BatchNorm statistics,
             # no dropout).
-            return _Graph(fx.symbolic_trace(copy.deepcopy(model).eval()))
+            return _Graph(_trace_fx(copy.deepcopy(model).eval()))
         except Exception as err:
             reason, error = f"torch.fx cannot trace it ({_first_line(err)})", err
     if patch is None:
@@ -107,6 +107,22 @@ def _graph_of(
         ) from error
     channels = in_channels if in_channels is not None else _infer_in_channels(model)
     return _export(model, patch, channels, reason)
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, stepping into modules whose forward is one functional call the builder
+    densifies (``LPPool2d`` -> ``F.lp_pool2d``)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.LPPool2d):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_fx(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
 def _export(model: nn.Module, patch: Pair, channels: int, reason: str) -> _Graph:

@@ -21,6 +21,8 @@ from .optable import (
     _ELEMENTWISE_FUNCTIONS,
     _ELEMENTWISE_METHODS,
     _ELEMENTWISE_MODULES,
+    _EXPAND_METHODS,
+    _EXPANDS,
     _IDENTITY_FUNCTIONS,
     _IDENTITY_MODULES,
     _LAYER_NORMS,
@@ -222,6 +224,8 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
         elif target in _PERMUTES:
             dims = node.args[1:] if len(node.args) > 2 else node.args[1]
             self._permute(node, node.args[0], _flat([dims]))
+        elif target in _EXPANDS:
+            self._expand(node, node.args[0])
         elif target in _PER_PIXEL_ATEN:
             self._per_pixel(node, node.args[0], _dim_of(node, *_PER_PIXEL_ATEN[target]))
         elif target in _ATEN_SLICE:
@@ -240,6 +244,8 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
             self._tuple_item(node, node.args[0])
         elif target is operator.getitem:
             self._getitem(node, node.args[0], node.args[1])
+        elif target is F.lp_pool2d:
+            self._lp_pool(node, self._normalized(node))
         elif target in _PER_PIXEL_FUNCTIONS:
             self._per_pixel(node, node.args[0], _dim_of(node, *_PER_PIXEL_FUNCTIONS[target]))
         elif target in _ELEMENTWISE_FUNCTIONS:
@@ -382,6 +388,8 @@ class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
         elif method in ("softmax", "log_softmax"):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             self._softmax(node, x, dim, F.softmax if method == "softmax" else F.log_softmax)
+        elif method in _EXPAND_METHODS:
+            self._expand(node, x)
         elif method == "permute":
             self._permute(node, x, _flat(node.args[1:] or [node.kwargs.get("dims")]))
         elif method in _PER_PIXEL_METHODS:

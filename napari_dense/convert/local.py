@@ -64,6 +64,23 @@ class _LocalOps(_BuilderState):
         if _shape(node) is None:  # chunk / split: a tuple of maps, read by getitem
             self.tuples.add(node)
 
+    def _expand(self, node: fx.Node, x: fx.Node) -> None:
+        """``expand``/``expand_as`` of the channel dim only: the later op broadcasts it."""
+        before, after = _shape(x), _shape(node)
+        if (
+            x not in self.lattice
+            or before is None
+            or after is None
+            or len(before) != len(after)
+            or before[0] != after[0]
+            or before[2:] != after[2:]
+            or self.lattice[x].channels_last
+        ):
+            raise self._unsupported(
+                node, f"it expands {tuple(before or ())} to {tuple(after or ())} over space."
+            )
+        self._alias(node, x)
+
     def _tuple_item(self, node: fx.Node, source: fx.Node) -> None:
         """``chunk(...)[i]``: one of the maps of a per-pixel split."""
         self.env[node] = self.graph.call_function(
@@ -168,6 +185,7 @@ class _LocalOps(_BuilderState):
     ) -> None:
         """``LayerNorm`` over the channels (the last dim of a channels-last map, or a vector)."""
         in_shape, lattice = _shape(x), self.lattice[x]
+        shape = _static(shape)
         normalized = tuple(shape) if isinstance(shape, list | tuple) else (shape,)
         if in_shape is None or normalized != in_shape[-1:] or lattice.flattened is not None:
             raise self._unsupported(

@@ -260,6 +260,7 @@ _SIGNATURES: dict[Any, tuple[str, ...]] = {
     ),
     F.adaptive_avg_pool2d: ("input", "output_size"),
     F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.lp_pool2d: ("input", "norm_type", "kernel_size", "stride", "ceil_mode"),
     F.adaptive_max_pool2d: ("input", "output_size", "return_indices"),
 }  # fmt: skip
 
@@ -298,3 +299,5 @@ _ATEN_SLICE = set(_aten_ops("slice.Tensor"))
 
 _LAYER_NORMS = {F.layer_norm, *_aten_ops("layer_norm.default")}
 _PERMUTES = {torch.permute, *_aten_ops("permute.default")}
+_EXPANDS = set(_aten_ops("expand_as.default", "expand.default"))
+_EXPAND_METHODS = {"expand_as", "expand"}

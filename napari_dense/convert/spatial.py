@@ -245,6 +245,35 @@ class _SpatialOps(_BuilderState):
             name=node.name,
         )
 
+    def _lp_pool(self, node: fx.Node, kw: dict[str, Any]) -> None:
+        """``LPPool2d``: ``(sum over the window of x^p)^(1/p)``, a sum pool between pointwise
+        ops (as ``F.lp_pool2d`` computes it)."""
+        x, p = kw["input"], kw["norm_type"]
+        if not isinstance(p, int | float) or p in (float("inf"), -float("inf")):
+            raise self._unsupported(node, "LPPool with an infinite norm. Hint: use MaxPool2d.")
+        kernel = pair(_static(kw["kernel_size"]))
+        stride = _static(kw.get("stride")) or kernel
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        name = self._layer_name(node)
+        if stack and isinstance(stack[-1], tuple) and "LPPool2d" in str(stack[-1][1]):
+            name = str(stack[-1][0])  # the module's path, as for any other layer module
+        original = self.env[x]
+        self.env[x] = self.graph.call_method("pow", (original, p))
+        try:
+            self._pool(
+                node, x, "avg", kernel, stride, 0, 1, bool(kw.get("ceil_mode")), 1,
+                op="LPPool2d", name=name,
+            )  # fmt: skip
+        finally:
+            self.env[x] = original
+        out = self.env[node]
+        magnitude = self.graph.call_function(
+            torch.mul,
+            (self.graph.call_function(torch.sign, (out,)),
+             self.graph.call_function(torch.relu, (self.graph.call_function(torch.abs, (out,)),))),
+        )  # fmt: skip
+        self.env[node] = self.graph.call_method("pow", (magnitude, 1.0 / p))
+
     def _axis_pool(
         self, node: fx.Node, x: fx.Node, kind: str, axis: int, extent: int, *, keep: bool
     ) -> None:

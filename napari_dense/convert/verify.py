@@ -22,7 +22,7 @@ from torch.export import ExportedProgram
 
 from ..dense import DenseClassifier
 from ..errors import NapariDenseError
-from ..geometry import Lattice, Pair
+from ..geometry import Lattice, Pair, checkered_phases
 from ..plan import Verification
 from .acquire import Classifier, ExportedModule, _device_of
 from .builder import _DenseGraphBuilder
@@ -35,6 +35,7 @@ RELATIVE_TOLERANCE = 1e-4
 _BATCH = 2
 _MIN_POSITIONS = 12  # over the whole batch, on top of the phase cover
 _SEED = 20171
+_FREE_MACS = 5e7  # patches this cheap in all are always affordable (small nets: 12 more)
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -75,8 +76,8 @@ def certify(
     (ph, pw), (sy, sx) = plan.patch_size, plan.output_stride
     output = _graph_output(traced.module.graph)
     period = builder.lattice[output].total_stride
-    rows = max(2, -(-period[0] // sy) + 1)
-    cols = max(2, -(-period[1] // sx) + 1)
+    rows = max(3, -(-period[0] // sy) + 1)
+    cols = max(3, -(-period[1] // sx) + 1)
     size = (ph + (rows - 1) * sy, pw + (cols - 1) * sx)
     device = _device_of(traced.module)
     generator = torch.Generator().manual_seed(_SEED)
@@ -150,11 +151,10 @@ def _positions(
     grid = [p for p in grid if mask[p[1], p[2]]]
     order = torch.randperm(len(grid), generator=generator).tolist()
     strides = [(builder.layer_input_stride[layer.name], layer.stride) for layer in plan.layers]
-    needed = {
+    needed = {  # the phases each layer computes: all, the checkered ones, or (0, 0) (strided)
         (k, a, b)
-        for k, (_, stride) in enumerate(strides)
-        for a in range(stride[0])
-        for b in range(stride[1])
+        for k, layer in enumerate(plan.layers)
+        for a, b in _computed_phases(layer.sampling, layer.stride)
     }
 
     def phases(position: tuple[int, int, int]) -> set[tuple[int, int, int]]:
@@ -173,7 +173,8 @@ def _positions(
     # network's (its outputs times MAC/px, times ~4 for the larger early maps): large patches
     # get few besides the phase cover.
     dense_macs = 4 * plan.macs_per_pixel * _BATCH * rows * cols
-    extra = min(_MIN_POSITIONS, int(dense_macs // max(plan.macs_per_patch, 1.0)))
+    affordable = max(dense_macs, _FREE_MACS) // max(plan.macs_per_patch, 1.0)
+    extra = min(_MIN_POSITIONS, int(affordable))
     for index in order:
         if len(chosen) >= len(grid) or extra <= 0:
             break
@@ -181,6 +182,12 @@ def _positions(
             chosen.append(grid[index])
             extra -= 1
     return chosen, needed <= seen
+
+
+def _computed_phases(sampling: str, stride: Pair) -> list[Pair]:
+    if sampling == "all":
+        return [(a, b) for a in range(stride[0]) for b in range(stride[1])]
+    return list(checkered_phases(stride)) if sampling == "checkered" else [(0, 0)]
 
 
 def _computed(pattern: Sequence[Sequence[bool]] | None, rows: int, cols: int) -> np.ndarray:
