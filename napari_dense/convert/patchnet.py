@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import PatchSizeError, UnsupportedLayerError
 from ..geometry import Pair, pair
@@ -39,32 +40,36 @@ def _trace(
         raise PatchSizeError(f"patch_size must be positive, got {patch_size!r}")
     graph = _graph_of(model, patch, in_channels)
     traced = graph.module
-    channels = in_channels
-    if channels is None:
-        channels = _input_channels(graph, patch)
-    _check_exported_shape(graph, patch, channels)
-    # Two patches where the graph allows it: what mixes the batch (squeeze(), view(-1, F)) is
-    # then seen as the patch network does it per patch.
+    guess, no_guess = in_channels, None
+    if guess is None:
+        try:
+            guess = _graph_in_channels(graph)
+        except UnsupportedLayerError as err:
+            no_guess = err
+    if guess is not None:
+        _check_exported_shape(graph, patch, guess)
+    # One pass over the graph records every shape and size. Two patches where the graph allows
+    # it: what mixes the batch (squeeze(), view(-1, F)) is then seen per patch.
     batches = (graph.example_batch,) if graph.exported_shape else (2, 1)
-    try:
-        for i, batch in enumerate(batches):
-            example = torch.zeros(batch, channels, *patch, device=_device_of(traced))
-            try:
-                with torch.no_grad():
-                    traced(example)  # first plainly: ShapeProp prints a traceback on failure
-                    break
-            except Exception:
-                if i == len(batches) - 1:
-                    raise
-        with torch.no_grad():
-            _PatchProp(traced).propagate(example)
-    except Exception as err:
-        cause = _root_cause(err)
+    error = _propagate(traced, patch, guess, batches) if guess is not None else no_guess
+    channels = guess
+    if error is not None and in_channels is None:
+        # The input's channels, when not the first Conv2d's (a model that adds coordinate
+        # channels, or has no convolution): the fewest the graph accepts.
+        for candidate in range(1, 65):
+            if candidate != guess and _propagate(traced, patch, candidate, batches) is None:
+                channels, error = candidate, None
+                break
+    if error is not None:
+        if channels is None:
+            raise error
+        cause = _root_cause(error)
         raise PatchSizeError(
             f"the model does not accept a {patch[0]}x{patch[1]} patch with {channels} channel(s) "
             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}). "
             f"{_accepted_patch_sizes_hint(graph, channels)}"
-        ) from err
+        ) from error
+    assert channels is not None
     result = _graph_output(traced.graph)
     shape = _shape(result) if isinstance(result, fx.Node) else None
     if shape is None or not (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))):
@@ -77,35 +82,44 @@ def _trace(
     return _Traced(traced, patch, channels, shape[1])
 
 
-class _PatchProp(ShapeProp):
-    """ShapeProp that also keeps every non-tensor value of the patch network (sizes read)."""
+def _propagate(
+    module: fx.GraphModule, patch: Pair, channels: int, batches: tuple[int, ...]
+) -> Exception | None:
+    """Run zeros through the graph, recording shapes and sizes; the error if every batch fails."""
+    error: Exception | None = None
+    for batch in batches:
+        try:
+            with torch.no_grad():
+                _PatchProp(module).run(
+                    torch.zeros(batch, channels, *patch, device=_device_of(module))
+                )
+            return None
+        except Exception as err:
+            error = error or err
+    return error
+
+
+class _PatchProp(fx.Interpreter):
+    """Records what every node holds for a patch: ``tensor_meta`` (shapes) as ShapeProp does,
+    and ``patch_value`` for non-tensor values (sizes read), quietly (ShapeProp prints)."""
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        tensor_meta = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tensor_meta
         if not isinstance(result, torch.Tensor):
             n.meta["patch_value"] = result
         return result
-
-
-def _input_channels(graph: _Graph, patch: Pair) -> int:
-    """The channels the graph's input takes: the exported shape's or the first Conv2d's when
-    the graph accepts them, else the fewest it accepts (a model may add channels itself, such as
-    coordinates, or have no convolution at all)."""
-    try:
-        guess: int | None = _graph_in_channels(graph)
-    except UnsupportedLayerError as err:
-        guess, error = None, err
-    device = _device_of(graph.module)
-    for channels in (*([guess] if guess else []), *range(1, 65)):
-        try:
-            with torch.no_grad():
-                graph.module(torch.zeros(graph.example_batch, channels, *patch, device=device))
-            return channels
-        except Exception:
-            continue
-    if guess is None:
-        raise error
-    return guess
 
 
 def _graph_in_channels(graph: _Graph) -> int:
