@@ -34,7 +34,8 @@ def patchwise(
         As in :func:`napari_dense.predict`.
     model
         The patch classifier, ``(N, C, Ph, Pw) -> (N, K)`` or ``(N, K, 1, 1)``. Evaluated in eval
-        mode (its ``training`` flag is restored afterwards).
+        mode (its ``training`` flag is restored afterwards). A ``torch.export`` program is
+        evaluated whatever batch size it was exported with (batches are split and padded).
     patch_size
         ``Ph`` or ``(Ph, Pw)``.
     positions
