@@ -422,19 +422,18 @@ def test_cli_python_model_needs_trust_code(
 def test_a_python_sidecar_dropped_on_napari_runs_nothing_unasked(
     tmp_path: Path, make_napari_viewer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The widget asks (``confirm_code_execution``, answered "no" here) or refuses: no code runs."""
-    from napari_dense import _widget
+    """The widget asks (``confirm_code_execution``, answered "no" here): no code runs."""
+    from napari_dense import _output_dialog, _widget
 
     sidecar, code, marker = _python_model(tmp_path)
     asked: list[Path] = []
-    asks = hasattr(_widget, "confirm_code_execution")  # the dialog comes with the widget's work
     monkeypatch.setattr(
-        _widget, "confirm_code_execution", lambda path, _: asked.append(path), raising=False
+        _output_dialog, "confirm_code_execution", lambda path, _: asked.append(path)
     )
     viewer = make_napari_viewer()
     viewer.open(str(sidecar), plugin="napari-dense")
     assert not marker.exists() and _widget.dense_widget_of(viewer)._loaded is None
-    assert asked == ([code.resolve()] if asks else [])
+    assert asked == [code.resolve()]
 
 
 @pytest.mark.parametrize("content", ["state dict", "pickled payload"])
@@ -460,16 +459,16 @@ def test_a_pt2_that_is_a_pickle_is_never_unpickled(tmp_path: Path, content: str)
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_the_pickle_scan_sees_the_payload_in_every_protocol(tmp_path: Path, protocol: int) -> None:
     """Sample inputs are read from their opcodes: a payload's import is seen, never run."""
-    from napari_dense._archive import TENSOR_PICKLE_GLOBALS, _pickle_globals
+    from napari_dense.model_files.pickle_scan import TENSOR_PICKLE_GLOBALS, pickle_globals
 
     marker = tmp_path / "ran"
     value = ((torch.zeros(2),), {"p": _Payload(marker)})
-    names = _pickle_globals(pickle.dumps(value, protocol=protocol))
+    names = pickle_globals(pickle.dumps(value, protocol=protocol))
     assert names is None or f"{os.mkdir.__module__}.mkdir" in names
     # torch.save's own pickle of tensors names only the allowed globals.
     buffer = io.BytesIO()
     torch.save(((torch.zeros(2), torch.ones(1, dtype=torch.int64)), {}), buffer)
     with zipfile.ZipFile(buffer) as inner:
         data = inner.read(next(n for n in inner.namelist() if n.endswith("/data.pkl")))
-    assert set(_pickle_globals(data) or ["unreadable"]) <= TENSOR_PICKLE_GLOBALS
+    assert set(pickle_globals(data) or ["unreadable"]) <= TENSOR_PICKLE_GLOBALS
     assert not marker.exists()

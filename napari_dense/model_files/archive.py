@@ -17,12 +17,12 @@ all of these from the archive's bytes, before torch sees them:
 - only the entries ``torch.export.save`` writes for a plain program: raw weight and tensor
   constant files, JSON configs, the graph JSON, sample inputs and ``extra/`` text files; no
   pickled weight or constant, no legacy ``.pt`` weights, no AOTInductor or custom objects;
-- the graph JSON: targets only ``torch.ops.<namespace>.<op>[.<overload>]`` and a few arithmetic
-  functions (:data:`SAFE_FUNCTION_TARGETS`), symbolic expressions only sympy constructors of
-  symbols and numbers, guards only comparisons of input sizes;
-- sample inputs (a pickle ``torch.save`` writes even for plain tensors) may name only the
-  globals of tensors (:data:`TENSOR_PICKLE_GLOBALS`), read from the pickle's opcodes without
-  running it; torch then gets the archive with them emptied (:meth:`CheckedArchive.for_torch`).
+- the graph JSON (:mod:`.graph_checks`): targets only ``torch.ops.<namespace>.<op>[.<overload>]``
+  and a few arithmetic functions, symbolic expressions only sympy constructors of symbols and
+  numbers, guards only comparisons of input sizes;
+- sample inputs (:mod:`.pickle_scan`; a pickle ``torch.save`` writes even for plain tensors) may
+  name only the globals of tensors, read from the pickle's opcodes without running it; torch
+  then gets the archive with them emptied (:meth:`CheckedArchive.for_torch`).
 
 Nothing in the archive is unpickled, by napari-dense or by torch. :func:`weights_only_loads`
 also forces every ``torch.load`` inside torch's loading to ``weights_only=True`` (belt and
@@ -31,7 +31,6 @@ braces).
 
 from __future__ import annotations
 
-import ast
 import io
 import json
 import os
@@ -44,6 +43,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import REEXPORT, ArchiveProblem
+from .graph_checks import check_graph
+from .pickle_scan import check_sample_inputs
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -64,53 +67,12 @@ MAX_BYTES_ENV = "NAPARI_DENSE_MAX_MODEL_BYTES"
 #: Most entries accepted in one archive (torch writes one per weight tensor).
 MAX_ENTRIES = 100_000
 
-REEXPORT = (
-    "re-export it from the model's Python class as a plain program: "
-    "napari_dense.save_classifier(model, 'model.pt2'), or torch.export.save("
-    "torch.export.export(model.eval(), (torch.zeros(1, C, Ph, Pw),)), 'model.pt2') "
-    "with plain tensors as weights"
-)
-
-#: Functions a graph node may call besides ``torch.ops`` operators (serialised names).
-SAFE_FUNCTION_TARGETS = frozenset(
-    [f"_operator.{name}" for name in ("getitem", "add", "sub", "mul", "truediv", "floordiv")]
-    + [f"_operator.{name}" for name in ("mod", "pow", "neg", "pos", "abs", "eq", "ne", "lt")]
-    + [f"_operator.{name}" for name in ("le", "gt", "ge", "and_", "or_", "not_", "invert")]
-    + [f"math.{name}" for name in ("ceil", "floor", "trunc", "sqrt")]
-    + [f"torch.{name}" for name in ("sym_max", "sym_min", "sym_float", "sym_int", "sym_not")]
-    + ["torch.sym_ite", "torch.sym_sqrt", "torch.sym_sum", "torch._sym_sqrt"]
-)
-_OP_TARGET = re.compile(
-    r"torch\.ops\.[A-Za-z][A-Za-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?"
-)
-# Sympy constructors that symbolic shapes are written with (``srepr``), and torch's functions.
-_SYMPY_CALLS = frozenset(
-    "Symbol Integer Rational Float Add Mul Pow Mod Max Min Abs floor ceiling Eq Ne Lt Le Gt Ge "
-    "StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not "
-    "Piecewise ExprCondPair FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt "
-    "FloorToInt CeilDiv LShift RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv "
-    "IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat "
-    "Identity".split()
-)
-_SYMPY_NAMES = frozenset("oo zoo nan true false True False pi E".split())
-_SYMBOL = re.compile(r"[a-z]+[0-9]+")
-_PLAIN_STRING = re.compile(r"[A-Za-z0-9_.+\-]*")
-_GUARD_METHODS = frozenset({"size", "stride", "dim", "numel", "storage_offset"})
-# Syntax allowed in both: arithmetic, comparisons and boolean logic.
-_OPERATORS: tuple[type[ast.AST], ...] = (ast.Expression, ast.Load, ast.BinOp, ast.UnaryOp)
-_OPERATORS += (ast.BoolOp, ast.Compare, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)
-_OPERATORS += (ast.Mod, ast.Pow, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or, ast.Eq)
-_OPERATORS += (ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 _FIXED_ENTRIES = frozenset(
     {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
 )
 _FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _ENV_LOCK = threading.Lock()
-
-
-class ArchiveProblem(ValueError):
-    """The archive is refused; the message (one line) says what was found and what to do."""
 
 
 @dataclass(frozen=True)
@@ -337,7 +299,7 @@ def _check_entries(entries: list[str], contents: dict[str, bytes]) -> None:
                     f"{name} is missing: not a complete torch.export archive; {REEXPORT}"
                 )
             _check_payload_config(name, _json(name, contents[name]), part, entries)
-        _check_graph(
+        check_graph(
             f"models/{model}.json", _json(f"models/{model}.json", contents[f"models/{model}.json"])
         )
         sample = f"data/sample_inputs/{model}.pt"
@@ -345,7 +307,7 @@ def _check_entries(entries: list[str], contents: dict[str, bytes]) -> None:
             raise ArchiveProblem(
                 f"{sample} is missing: not a complete torch.export archive; {REEXPORT}"
             )
-        _check_sample_inputs(sample, contents[sample])
+        check_sample_inputs(sample, contents[sample])
     for name, text in contents.items():
         if name.startswith("extra/"):
             try:
@@ -396,182 +358,6 @@ def _check_payload_config(name: str, config: Any, part: str, entries: list[str])
             raise ArchiveProblem(
                 f"the {part[:-1]} {fqn!r} names no raw tensor file ({file!r}); {REEXPORT}"
             )
-
-
-def _check_graph(name: str, program: Any) -> None:
-    """Targets, symbolic expressions and guards of a serialised program (see module docs)."""
-    if not isinstance(program, dict):
-        raise ArchiveProblem(f"{name} is not a serialised program; {REEXPORT}")
-    guards = program.get("guards_code") or []
-    if not isinstance(guards, list):
-        raise ArchiveProblem(f"{name}: guards_code is not a list; {REEXPORT}")
-    for guard in guards:
-        if not (isinstance(guard, str) and _is_safe_guard(guard)):
-            raise ArchiveProblem(
-                f"{name} holds a guard that is not a plain size check ({str(guard)[:80]!r}), "
-                f"Python code torch would run; {REEXPORT}"
-            )
-    stack: list[Any] = [program]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            target = item.get("target")
-            if "inputs" in item and isinstance(target, str) and not _is_safe_target(target):
-                raise ArchiveProblem(
-                    f"{name} calls {target[:80]!r}, which is not a torch operator; {REEXPORT}"
-                )
-            expression = item.get("expr_str")
-            if expression is not None and not (
-                isinstance(expression, str) and _is_safe_expression(expression)
-            ):
-                raise ArchiveProblem(
-                    f"{name} holds a symbolic shape that is not a plain expression "
-                    f"({str(expression)[:80]!r}), Python code torch would evaluate; {REEXPORT}"
-                )
-            stack.extend(item.values())
-
-
-def _is_safe_target(target: str) -> bool:
-    return target in SAFE_FUNCTION_TARGETS or bool(_OP_TARGET.fullmatch(target))
-
-
-def _parse(text: str) -> ast.AST | None:
-    if len(text) > 10_000:
-        return None
-    try:
-        return ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return None
-
-
-def _is_safe_expression(text: str) -> bool:
-    """A sympy ``srepr`` of symbols and numbers: ``Symbol('s31', positive=True, integer=True)``."""
-    tree = _parse(text)
-    if tree is None:
-        return False
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            if not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS):
-                return False
-        elif isinstance(node, ast.Name):
-            if not (
-                node.id in _SYMPY_CALLS or node.id in _SYMPY_NAMES or _SYMBOL.fullmatch(node.id)
-            ):
-                return False
-        elif isinstance(node, ast.keyword):
-            if node.arg is None or not isinstance(node.value, ast.Constant):
-                return False
-        elif isinstance(node, ast.Constant):
-            if not _is_plain_constant(node.value):
-                return False
-        elif not isinstance(node, _OPERATORS):
-            return False
-    return True
-
-
-def _is_safe_guard(text: str) -> bool:
-    """``L['x'].size()[0] >= 2`` and the like: comparisons of input sizes, nothing else."""
-    tree = _parse(text)
-    if tree is None:
-        return False
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            if node.keywords or len(node.args) > 1:
-                return False
-            if not (isinstance(node.func, ast.Attribute) and node.func.attr in _GUARD_METHODS):
-                return False
-        elif isinstance(node, ast.Attribute):
-            if node.attr not in _GUARD_METHODS:
-                return False
-        elif isinstance(node, ast.Name):
-            if node.id != "L":
-                return False
-        elif isinstance(node, ast.Constant):
-            if not _is_plain_constant(node.value):
-                return False
-        elif not isinstance(node, (*_OPERATORS, ast.Subscript)):
-            return False
-    return True
-
-
-def _is_plain_constant(value: Any) -> bool:
-    if isinstance(value, str):
-        return bool(_PLAIN_STRING.fullmatch(value))
-    return value is None or isinstance(value, bool | int | float)
-
-
-def _check_sample_inputs(name: str, raw: bytes) -> None:
-    """Sample inputs are a ``torch.save`` zip around a pickle: read its opcodes, run nothing.
-
-    Only the globals ``torch.save`` writes for tensors (:data:`TENSOR_PICKLE_GLOBALS`) may
-    appear. The entry is then not given to torch at all (:meth:`CheckedArchive.for_torch`).
-    """
-    if not raw:
-        return  # torch reads an empty entry as "no sample inputs"
-    found = "a pickle that is not torch.save's zip format"
-    try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as inner:
-            pickles = [n for n in inner.namelist() if n.endswith("/data.pkl")]
-            if len(pickles) == 1:
-                names = _pickle_globals(inner.read(pickles[0]))
-                unsafe = None if names is None else sorted(set(names) - TENSOR_PICKLE_GLOBALS)
-                if unsafe == []:
-                    return
-                found = (
-                    f"a pickle that calls {', '.join(unsafe)[:120]}"
-                    if unsafe
-                    else "a pickle whose calls cannot be read without running it"
-                )
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError, zlib.error):
-        pass
-    raise ArchiveProblem(
-        f"the sample inputs ({name}) are {found}, not plain tensors: it could run code when "
-        f"loaded; {REEXPORT}"
-    )
-
-
-#: Globals of a ``torch.save`` pickle of tensors, tuples and dicts.
-TENSOR_PICKLE_GLOBALS = frozenset(
-    ["torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter"]
-    + ["collections.OrderedDict", "torch.device", "torch.Size"]
-    + [
-        f"torch.{kind}Storage"
-        for kind in "Float Double Half BFloat16 Long Int Short Char Byte Bool Untyped".split()
-    ]
-)
-_STRING_OPS = frozenset(
-    "SHORT_BINUNICODE BINUNICODE BINUNICODE8 UNICODE SHORT_BINSTRING BINSTRING STRING".split()
-)
-_MEMO_OPS = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
-
-
-def _pickle_globals(data: bytes) -> list[str] | None:
-    """The globals a pickle imports, read from its opcodes (None: not readable statically)."""
-    import pickletools
-
-    names: list[str] = []
-    strings: list[str] = []  # strings pushed just before (for STACK_GLOBAL)
-    try:
-        for opcode, argument, _ in pickletools.genops(data):
-            if opcode.name in ("GLOBAL", "INST"):
-                names.append(str(argument).replace(" ", "."))
-                strings = []
-            elif opcode.name in _STRING_OPS:
-                strings.append(str(argument))
-            elif opcode.name == "STACK_GLOBAL":
-                if len(strings) < 2:
-                    return None
-                names.append(f"{strings[-2]}.{strings[-1]}")
-                strings = []
-            elif opcode.name in ("OBJ", "EXT1", "EXT2", "EXT4"):
-                return None
-            elif opcode.name not in _MEMO_OPS:
-                strings = []
-    except (ValueError, EOFError, UnicodeDecodeError):
-        return None
-    return names
 
 
 def _check_same_in_torch(data: bytes, entries: list[str], contents: dict[str, bytes]) -> None:
