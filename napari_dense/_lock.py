@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 
 from .errors import NapariDenseError
 
-__all__ = ["LOCK_FILE", "OWNER_FILE", "StoreLockedError", "WriterLock"]
+__all__ = ["LOCK_FILE", "OWNER_FILE", "LockMixin", "StoreLockedError", "WriterLock"]
 
 #: The file the lock is taken on (empty; kept after release so that waiters share one inode).
 LOCK_FILE: Final = ".napari_dense.lock"
@@ -139,3 +139,37 @@ def _describe(owner: dict[str, Any]) -> str:
     pid, host, started = owner.get("pid", "?"), owner.get("host", "?"), owner.get("started", "?")
     here = " (this process)" if pid == os.getpid() and host == socket.gethostname() else ""
     return f"PID {pid}{here} on {host}, started {started}"
+
+
+class LockMixin:
+    """The writer-lock methods of :class:`~napari_dense.store.ProbabilityStore` (its ``_lock``)."""
+
+    _lock: WriterLock
+
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this object holds the store's writer lock."""
+        return self._lock.held
+
+    def acquire_lock(self) -> None:
+        """Become the store's one writing run (readers are never blocked).
+
+        Taken by :meth:`create`, by :func:`napari_dense.to_zarr.prepare_run` on resume and by
+        :meth:`finalize`; released by :meth:`release_lock`, at the end of :meth:`finalize`, and
+        by the operating system when the process exits (also SIGKILL or a crash).
+
+        Raises
+        ------
+        StoreLockedError
+            Another run (another process, or another store object in this one) holds it; the
+            message names its PID, host and start time.
+        """
+        self._lock.acquire()
+
+    def release_lock(self) -> None:
+        """Let another run write the store (no-op when not held)."""
+        self._lock.release()
+
+    def lock_owner(self) -> dict[str, Any]:
+        """``{"pid", "host", "started"}`` of the last run that took the lock (``{}`` if none)."""
+        return self._lock.owner()

@@ -17,7 +17,7 @@ from .engine import MemoryCheck, TiledPredictor, TileResult, make_predictor
 from .errors import InputError
 from .fingerprint import FINGERPRINT_KEY, check_resume, image_identity, run_fingerprint
 from .predict import sampling_of_mode
-from .store import ProbabilityStore
+from .store import ProbabilityStore, resolve_space
 
 __all__ = ["iter_into_store", "predict_to_zarr", "prepare_run", "remaining_tasks"]
 
@@ -55,6 +55,7 @@ def prepare_run(
     non_finite: str = "refuse",
     pyramid_levels: int | str = 0,
     protect: Sequence[str | os.PathLike[str]] = (),
+    space: Any = None,
 ) -> tuple[TiledPredictor, ProbabilityStore]:
     """Open the image, convert the model, plan the tiles and create (or reopen) the store.
 
@@ -63,6 +64,11 @@ def prepare_run(
     levels at once, filled as tiles land; a resumed store keeps its own. ``protect``: more
     paths that ``overwrite`` must never delete (the GUI passes the layer's source file); the
     input's own path (a path argument, an opened zarr array, a memmap) is always protected.
+    ``space``: where the image's pixels sit in the world (a
+    :class:`~napari_dense.physical.PhysicalSpace`, or a napari layer's ``{"scale", "translate",
+    "units"}``) for an in-memory array; by default the image's own metadata
+    (``predictor.source.space``). Level 0 of the map gets it, level ``k`` its ``2**k``
+    downsampling.
 
     Raises
     ------
@@ -99,7 +105,7 @@ def prepare_run(
     path = Path(output)
     axes = _OUTPUT_AXES[len(source.leading_shape)]
     shape = _output_shape(axes, source.leading_shape, setup.dense.num_classes, source.plane_shape)
-    protect = [*_input_paths(image, source.path), *(os.fspath(p) for p in protect)]
+    guarded = [*_input_paths(image, source.path), *(os.fspath(p) for p in protect)]
     fingerprint = run_fingerprint(
         network=predictor.dense,
         model_file_sha256=setup.provenance.get("model_sha256"),
@@ -120,8 +126,9 @@ def prepare_run(
         ),
     )  # fmt: skip
     if resume and (path.exists() or path.is_symlink()):
-        return predictor, _reopen(path, fingerprint, protect)
+        return predictor, _reopen(path, fingerprint, guarded)
     dense = setup.dense
+    world = resolve_space(space, source.space)
     provenance = {
         **setup.provenance,
         "package_version": _version(),
@@ -143,6 +150,7 @@ def prepare_run(
         "source_path": source.path,
         "source_shape": list(source.source_shape),
         "source_level": level,
+        "space": world.as_dict(),
         "started": _now(),
         "complete": False,
         FINGERPRINT_KEY: fingerprint,
@@ -156,8 +164,9 @@ def prepare_run(
         dtype=dtype,
         overwrite=overwrite,
         attributes=provenance,
-        protect=protect,
+        protect=guarded,
         pyramid_levels=pyramid_levels,
+        space=world,
     )
     return predictor, store
 
@@ -285,7 +294,8 @@ def predict_to_zarr(
         ``border``, ``interpolation``, ``tile``, ``memory_budget``, ``normalisation``,
         ``activation``, ``class_names``, ``dtype`` (``"float32"``, ``"float16"``, ``"uint8"``),
         ``overwrite``, ``resume``, ``compile`` (``torch.compile`` the network once per run),
-        ``non_finite`` (``"refuse"`` NaN/infinite pixels, or read them as ``"zero"``).
+        ``non_finite`` (``"refuse"`` NaN/infinite pixels, or read them as ``"zero"``),
+        ``space`` (pixel size, translation, units of an in-memory array; see :func:`prepare_run`).
 
     Returns
     -------

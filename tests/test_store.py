@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from ngff_check import assert_valid_ngff, every_store_is_valid_ngff  # noqa: F401
 
 from napari_dense.errors import InputError, NapariDenseError
+from napari_dense.physical import PhysicalSpace
 from napari_dense.store import (
     MARKER_DIR,
     ProbabilityStore,
@@ -22,6 +24,9 @@ from napari_dense.store import (
     StoreWriteError,
     auto_pyramid_levels,
 )
+
+#: Every store a test here writes is validated as strict NGFF 0.5 afterwards (tests/ngff_check.py).
+pytestmark = pytest.mark.usefixtures("every_store_is_valid_ngff")
 
 TILE = (16, 16)
 CLASSES = ["nucleus", "membrane", "background"]
@@ -579,19 +584,74 @@ def test_ome_zarr_py_reads_the_store(tmp_path) -> None:
 
 
 def test_ome_zarr_models_validates_the_metadata(tmp_path) -> None:
-    pytest.importorskip("ome_zarr_models")
-    from ome_zarr_models.v05 import Image
-
     store = make(tmp_path, shape=(1, 3, 2, 37, 45), axes="tczyx", dtype="uint8")
     write_all(store, random_map((1, 3, 2, 37, 45)))
     store.finalize(pyramid_levels=2)
-    image = Image.from_zarr(zarr.open_group(str(store.path), mode="r"))
+    image = assert_valid_ngff(store.path)
     assert image.attributes.ome.multiscales[0].datasets[2].path == "2"
     # A live pyramid is valid NGFF from the start, while tiles are still missing.
     live = make(tmp_path, name="live.zarr", shape=(3, 37, 45), pyramid_levels=2)
     live.write_tile((), (0, 16, 0, 16), random_map((3, 16, 16)))
-    image = Image.from_zarr(zarr.open_group(str(live.path), mode="r"))
+    image = assert_valid_ngff(live.path)
     assert [d.path for d in image.attributes.ome.multiscales[0].datasets] == ["0", "1", "2"]
+
+
+def test_the_validator_fails_a_store_whose_metadata_is_wrong(tmp_path) -> None:
+    """The NGFF check can fail: a level the metadata lists is missing, axes renamed."""
+    store = make(tmp_path, pyramid_levels=1)
+    del store._group["1"]
+    with pytest.raises(ValueError, match="no array was found"):
+        assert_valid_ngff(store.path)
+    with pytest.raises(InputError, match=r"not a napari-dense probability map \(invalid OME-Zarr"):
+        ProbabilityStore.open(store.path)
+    other = make(tmp_path, name="other.zarr")
+    ome = other._group.attrs["ome"]
+    ome["multiscales"][0]["axes"][1]["name"] = "q"
+    other._group.update_attributes({"ome": ome})
+    with pytest.raises(ValueError, match="dimension names"):
+        assert_valid_ngff(other.path)
+    with pytest.raises(InputError, match=r"invalid OME-Zarr 0\.5 metadata"):
+        ProbabilityStore.open(other.path)
+    for path in (store.path, other.path):  # not left for the after-test check
+        __import__("shutil").rmtree(path)
+
+
+# ---------------------------------------------------------------------- physical space
+
+MICRONS = PhysicalSpace(scale=(0.25, 0.25), translation=(10.0, 20.0), units=("micrometer",) * 2)
+
+
+def test_physical_space_of_every_level(tmp_path) -> None:
+    store = make(tmp_path, space=MICRONS, pyramid_levels=2)
+    multiscale = store._group.attrs["ome"]["multiscales"][0]
+    assert [a.get("unit") for a in multiscale["axes"]] == [None, "micrometer", "micrometer"]
+    transforms = [d["coordinateTransformations"] for d in multiscale["datasets"]]
+    assert [t[0]["scale"] for t in transforms] == [[1, 0.25, 0.25], [1, 0.5, 0.5], [1, 1, 1]]
+    assert [t[1]["translation"] for t in transforms] == [
+        [0, 10, 20],
+        [0, 10.125, 20.125],
+        [0, 10.375, 20.375],
+    ]
+    reopened = ProbabilityStore.open(store.path)
+    assert reopened.space == MICRONS and reopened.scale == (0.25, 0.25)
+    for level in range(3):
+        assert reopened.level_space(level) == MICRONS.downsampled(2**level)
+    write_all(store, random_map((3, 37, 45)))
+    store.finalize()  # the metadata rewritten by finalize keeps the space
+    assert ProbabilityStore.open(store.path).level_space(2) == MICRONS.downsampled(4)
+
+
+def test_a_napari_layers_scale_translate_and_units_give_the_same_space(tmp_path) -> None:
+    layer = {"scale": (1.0, 0.25, 0.25), "translate": (0.0, 10, 20), "units": ("pixel", "µm", "µm")}
+    store = make(tmp_path, space=layer, shape=(3, 2, 37, 45), axes="czyx", scale=(3.0, 0.25, 0.25))
+    assert store.space == MICRONS and store.scale == (3.0, 0.25, 0.25)
+    with pytest.raises(InputError, match="give the pixel size once"):
+        make(tmp_path, name="b.zarr", space=MICRONS, scale=(0.5, 0.5))
+    with pytest.raises(InputError, match="pixel size must be two positive numbers"):
+        make(tmp_path, name="c.zarr", space={"scale": (-1.0, 1.0)})
+    with pytest.raises(InputError, match="space must be"):
+        make(tmp_path, name="d.zarr", space=0.25)
+    assert not any((tmp_path / name).exists() for name in ("b.zarr", "c.zarr", "d.zarr"))
 
 
 def test_napari_ome_zarr_reopens_the_map_as_the_live_overlay_shows_it(tmp_path) -> None:

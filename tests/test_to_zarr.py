@@ -13,12 +13,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import zarr
+from ngff_check import assert_valid_ngff, every_store_is_valid_ngff  # noqa: F401
 
 import napari_dense as nd
 from napari_dense.fingerprint import ResumeMismatchError
 from napari_dense.models import fdfe15
+from napari_dense.physical import PhysicalSpace
 from napari_dense.store import ProbabilityStore, StoreExistsError, StoreLockedError
 from napari_dense.to_zarr import predict_to_zarr, prepare_run
+
+#: Every store a test here writes is validated as strict NGFF 0.5 afterwards (tests/ngff_check.py).
+pytestmark = pytest.mark.usefixtures("every_store_is_valid_ngff")
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +218,56 @@ def test_distributed_equals_single_process(tmp_path, model, image) -> None:
     assert cluster.pyramid_pending() == set()
     np.testing.assert_array_equal(cluster.read(1), local.read(1))
     assert Path(tmp_path / "cluster.zarr").exists()
+
+
+def _ome_zarr_input(path: Path, data: np.ndarray) -> Path:
+    """A (1, Y, X) OME-Zarr 0.5 image at 0.25 µm, translated by (10, 20) µm (ome-zarr-models)."""
+    from ome_zarr_models.v05.axes import Axis
+    from ome_zarr_models.v05.image import Image
+    from pydantic_zarr.v3 import ArraySpec
+
+    axes = [Axis(name="c", type="channel")] + [
+        Axis(name=name, type="space", unit="micrometer") for name in "yx"
+    ]
+    image = Image.new(
+        array_specs=[ArraySpec.from_array(data, dimension_names=("c", "y", "x"))],
+        paths=["0"], axes=axes, scales=[[1, 0.25, 0.25]], translations=[[0, 10, 20]], name="in",
+    )  # fmt: skip
+    image.to_zarr(zarr.storage.LocalStore(path), path="")["0"][:] = data
+    return path
+
+
+def test_the_map_sits_where_its_ome_zarr_input_sits(tmp_path, model, image) -> None:
+    """0.25 µm + translation in, levels at 0.25 / 0.5 / 1 µm out; napari reopens both alike."""
+    napari_ome_zarr = pytest.importorskip("napari_ome_zarr")
+    source = _ome_zarr_input(tmp_path / "in.zarr", image[None])
+    store = predict_to_zarr(str(source), model, tmp_path / "map.zarr", patch_size=15, tile=16,
+                            device="cpu", pyramid_levels=2)  # fmt: skip
+    multiscale = assert_valid_ngff(store.path).attributes.ome.multiscales[0]
+    assert [a.unit for a in multiscale.axes] == [None, "micrometer", "micrometer"]
+    transforms = [d.coordinateTransformations for d in multiscale.datasets]
+    assert [list(t[0].scale) for t in transforms] == [[1, 0.25, 0.25], [1, 0.5, 0.5], [1, 1, 1]]
+    assert [list(t[1].translation) for t in transforms] == [
+        [0, 10, 20], [0, 10.125, 20.125], [0, 10.375, 20.375],
+    ]  # fmt: skip
+    assert store.attributes["space"]["scale"] == [0.25, 0.25]
+    np.testing.assert_allclose(store.read(), nd.predict(image, model, 15), atol=1e-5)
+    (_, given, _), *_ = napari_ome_zarr.napari_get_reader(str(source))(str(source))
+    (_, mapped, _), *_ = napari_ome_zarr.napari_get_reader(str(store.path))(str(store.path))
+    for key in ("scale", "translate", "units"):
+        assert mapped.get(key) == given.get(key), key
+    assert list(mapped["scale"]) == [0.25, 0.25]
+
+
+def test_an_in_memory_array_takes_the_space_it_is_given(tmp_path, model, image) -> None:
+    """The GUI passes a napari layer's scale/translate/units for its array; a bare array: pixels."""
+    layer = {"scale": (0.5, 0.5), "translate": (3.0, 4.0), "units": ("µm", "µm")}
+    store = predict_to_zarr(image, model, tmp_path / "a.zarr", patch_size=15, tile=32,
+                            device="cpu", space=layer, pyramid_levels=1)  # fmt: skip
+    expected = PhysicalSpace(scale=(0.5, 0.5), translation=(3.0, 4.0), units=("micrometer",) * 2)
+    assert store.space == expected and store.level_space(1) == expected.downsampled(2)
+    bare = predict_to_zarr(image, model, tmp_path / "b.zarr", patch_size=15, tile=32)
+    assert bare.space == PhysicalSpace() and bare.attributes["space"]["scale"] == [1.0, 1.0]
+    with pytest.raises(nd.InputError, match="pixel size must be two positive numbers"):
+        predict_to_zarr(image, model, tmp_path / "c.zarr", patch_size=15, space={"scale": (0, 1)})
+    assert not (tmp_path / "c.zarr").exists()
