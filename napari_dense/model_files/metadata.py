@@ -164,13 +164,14 @@ class ModelMetadata(BaseModel):
 
     @model_validator(mode="after")
     def _fits_the_channels(self) -> Self:
-        channels, normalisation = self.in_channels, self.normalisation or Normalisation()
-        for key, values in (("mean", normalisation.get("mean")), ("std", normalisation.get("std"))):
-            count = len(values or [0.0])
-            if channels is not None and count not in (1, channels):
+        channels, normalisation = self.in_channels, self.normalisation
+        if channels is None or normalisation is None:
+            return self
+        for key, values in (("mean", normalisation["mean"]), ("std", normalisation["std"])):
+            if len(values) not in (1, channels):
                 raise ValueError(
-                    f"normalisation {key} has {count} values for a {channels}-channel model: "
-                    f"give one value or {channels}"
+                    f"normalisation {key} has {len(values)} values for a {channels}-channel "
+                    f"model: give one value or {channels}"
                 )
         return self
 
