@@ -17,7 +17,8 @@ from .engine import MemoryCheck, TiledPredictor, TileResult, make_predictor
 from .errors import InputError
 from .fingerprint import FINGERPRINT_KEY, check_resume, image_identity, run_fingerprint
 from .predict import sampling_of_mode
-from .store import ProbabilityStore, resolve_space
+from .store import ProbabilityStore, auto_pyramid_levels, resolve_space
+from .store._checks import check_dtype
 
 __all__ = ["iter_into_store", "predict_to_zarr", "prepare_run", "remaining_tasks"]
 
@@ -86,6 +87,7 @@ def prepare_run(
     """
     if overwrite and resume:
         raise InputError("choose either overwrite or resume, not both")
+    dtype = check_dtype(dtype).name  # refused here, in the store's words, before any work
     if resume and tile is None:
         # The automatic tile size depends on free memory: a resume keeps the run's tiles.
         tile = _tile_of(Path(output))
@@ -94,7 +96,7 @@ def prepare_run(
         normalisation=normalisation, activation=activation, class_names=class_names,
         device=device, precision=precision, border=border, interpolation=interpolation,
         tile=tile, memory_budget=memory_budget, memory_check=memory_check, compile=compile,
-        non_finite=non_finite,
+        non_finite=non_finite, output_dtype=dtype,  # the device returns what the store holds
     )  # fmt: skip
     setup, source = predictor.setup, predictor.source
     if len(source.leading_shape) > 2:
@@ -285,7 +287,8 @@ def predict_to_zarr(
     pyramid_levels
         Extra 2× downsampled levels (``N`` or ``"auto"``: down to about 512 px), made when the
         run starts and filled as tiles land; ``finalize`` only completes them. ``None``: none
-        for a new store, a resumed store keeps its own.
+        for a new store, a resumed store keeps its own; a number or ``"auto"`` on resume
+        adds or removes levels at the end.
     scheduler
         ``None`` (this process), ``"local:N"`` (a local dask cluster of N worker processes) or
         the address of a dask scheduler (``"tcp://host:8786"``): tiles become tasks.
@@ -325,6 +328,9 @@ def predict_to_zarr(
             _run_local(predictor, store, tasks, on_tile)
         seconds = time.perf_counter() - start
         megapixels = sum(tile.shape[0] * tile.shape[1] for _, tile in tasks) / 1e6
+        # None keeps the store's levels; "auto" (also on resume) is the plane's auto depth.
+        auto = pyramid_levels == "auto"
+        levels = auto_pyramid_levels(*store.plane_shape) if auto else pyramid_levels
         store.finalize(
             attributes={
                 "finished": _now(),
@@ -332,7 +338,7 @@ def predict_to_zarr(
                 "megapixels_per_second": round(megapixels / max(seconds, 1e-9), 4),
                 "complete": True,
             },
-            pyramid_levels=None if pyramid_levels in (None, "auto") else int(pyramid_levels),
+            pyramid_levels=None if levels is None else int(levels),
         )
     except BaseException:
         store.discard_if_empty()  # failed before its first tile: leave nothing behind

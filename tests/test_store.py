@@ -125,6 +125,21 @@ def test_float16_store(tmp_path) -> None:
     np.testing.assert_array_equal(store.read(), full.astype(np.float16).astype(np.float32))
 
 
+def test_tiles_already_in_the_store_dtype_are_written_unchanged(tmp_path) -> None:
+    """The device returns uint8 / float16 tiles: stored as they are, not scaled by 255 again."""
+    quantised = np.random.default_rng(2).integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    store = make(tmp_path, dtype="uint8", pyramid_levels=1)
+    store.write_tile((), (0, 16, 0, 16), quantised)
+    np.testing.assert_array_equal(store.array[:, :16, :16], quantised)
+    halves = random_map((3, 16, 16)).astype(np.float16)
+    half = make(tmp_path, name="f16.zarr", dtype="float16")
+    half.write_tile((), (0, 16, 0, 16), halves)
+    assert half.array[:, :16, :16].tobytes() == halves.tobytes()
+    full = make(tmp_path, name="f32.zarr")  # uint8 into a float store: read as round(p * 255)
+    full.write_tile((), (0, 16, 0, 16), quantised)
+    np.testing.assert_array_equal(full.array[:, :16, :16], quantised / np.float32(255))
+
+
 def test_stacks_take_leading_indices_in_axis_order(tmp_path) -> None:
     store = make(tmp_path, shape=(2, 3, 4, 20, 24), axes="tczyx")
     assert store.leading_axes == "tz" and store.leading_shape == (2, 4)

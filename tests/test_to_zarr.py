@@ -21,7 +21,7 @@ from napari_dense.fingerprint import ResumeMismatchError
 from napari_dense.models import fdfe15
 from napari_dense.physical import PhysicalSpace
 from napari_dense.store import ProbabilityStore, StoreExistsError, StoreLockedError
-from napari_dense.to_zarr import predict_to_zarr, prepare_run
+from napari_dense.to_zarr import iter_into_store, predict_to_zarr, prepare_run, remaining_tasks
 
 #: Every store a test here writes is validated as strict NGFF 0.5 afterwards (tests/ngff_check.py).
 pytestmark = pytest.mark.usefixtures("every_store_is_valid_ngff")
@@ -86,6 +86,30 @@ def test_uint8_output(tmp_path, model, image) -> None:
     store = predict_to_zarr(image, softmax, tmp_path / "u8.zarr", patch_size=15, dtype="uint8")
     assert store.array.dtype == np.uint8
     np.testing.assert_allclose(store.read(), nd.predict(image, softmax, 15), atol=0.5 / 255 + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_the_device_returns_the_stored_dtype_with_identical_bytes(tmp_path, model, image, dtype):
+    softmax = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
+    options: dict[str, Any] = {"patch_size": 15, "tile": 16, "device": "cpu", "dtype": dtype}
+    predictor, store = prepare_run(image, softmax, tmp_path / "device.zarr", **options,
+                                   pyramid_levels=1)  # fmt: skip
+    assert predictor.output_dtype == dtype
+    for _ in iter_into_store(predictor, store, remaining_tasks(predictor, store)):
+        pass
+    store.finalize()
+    # The same run with float32 tiles converted on the host, as before.
+    host, reference = prepare_run(image, softmax, tmp_path / "host.zarr", **options,
+                                  pyramid_levels=1)  # fmt: skip
+    host.output_dtype = "float32"
+    for _ in iter_into_store(host, reference, remaining_tasks(host, reference)):
+        pass
+    reference.finalize()
+    for level in (0, 1):
+        got, want = store.level(level)[...], reference.level(level)[...]
+        assert got.dtype == want.dtype == np.dtype(dtype) and got.tobytes() == want.tobytes()
+    with pytest.raises(nd.InputError, match="dtype must be one of float32, float16, uint8"):
+        prepare_run(image, softmax, tmp_path / "bad.zarr", patch_size=15, dtype="int16")
 
 
 #: The child run of the crash matrix: 16 tiles, a pyramid level; it stops (sleeps) at ``point``

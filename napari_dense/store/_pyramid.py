@@ -54,11 +54,20 @@ Box = tuple[int, int, int, int]
 
 
 def to_stored(probabilities: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
-    """Probabilities (float) as stored: cast, or ``round(p * 255)`` clipped for uint8."""
+    """Probabilities as stored: cast, or ``round(p * 255)`` clipped for uint8.
+
+    Values already in the store's ``dtype`` (the device's ``output_dtype``: uint8 as
+    ``round(p * 255)``, or float16) pass unchanged; uint8 into another dtype is read as ``/255``.
+    """
+    values = np.asarray(probabilities)
+    if values.dtype == dtype:
+        return values
+    if values.dtype == np.uint8:
+        values = to_probabilities(values)
     if dtype == np.uint8:
-        scaled = np.rint(np.asarray(probabilities, dtype=np.float32) * np.float32(255))
+        scaled = np.rint(values.astype(np.float32, copy=False) * np.float32(255))
         return np.clip(scaled, 0, 255).astype(np.uint8)
-    return np.asarray(probabilities).astype(dtype, copy=False)
+    return values.astype(dtype, copy=False)
 
 
 def to_probabilities(stored: np.ndarray) -> np.ndarray:

@@ -335,7 +335,8 @@ class ProbabilityStore(LockMixin, MarkersMixin, PyramidMixin):
             ``(y0, y1, x0, x1)``, aligned to the chunk grid (``y1``/``x1`` may be the image edge),
             so that writers of different tiles never touch the same chunk.
         probabilities
-            ``(K, y1 - y0, x1 - x0)`` probabilities (float32); converted to the store's dtype.
+            ``(K, y1 - y0, x1 - x0)`` probabilities (float32); converted to the store's dtype,
+            or already in it (uint8 ``round(p * 255)``, float16: written unchanged).
 
         When the store has pyramid levels and this object holds the writer lock, the tile's
         footprint in every level is updated too (from the tile's own values, and its
