@@ -150,7 +150,14 @@ def build_parser(
         help="how the image is extended so border pixels get a whole patch",
     )
     predict.add_argument("--level", type=int, default=0, help="OME-Zarr / TIFF pyramid level")
-    predict.add_argument("--pyramid", type=int, default=0, help="extra 2x-downsampled levels")
+    predict.add_argument(
+        "--pyramid",
+        type=_pyramid_levels,
+        default=None,
+        metavar="N|auto",
+        help="extra 2x-downsampled levels, filled as tiles land; auto: down to about 512 px "
+        "(default: none for a new map, a resumed map keeps its own)",
+    )
     predict.add_argument("--resume", action="store_true", help="finish an interrupted run")
     predict.add_argument(
         "--overwrite", action="store_true", help="replace an existing napari-dense output"
@@ -211,3 +218,16 @@ def build_parser(
     demo.add_argument("--output", default=".", help="folder of the headless outputs")
     demo.add_argument("--overwrite", action="store_true", help="replace demo_output.zarr")
     return parser
+
+
+def _pyramid_levels(text: str) -> int | str:
+    """``--pyramid``: a number of levels (0 or more) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        levels = int(text)
+    except ValueError:
+        levels = -1
+    if levels < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more levels, or auto, got {text!r}")
+    return levels

@@ -273,3 +273,25 @@ def test_the_cli_lists_the_differences_in_one_line(tmp_path, image, capsys) -> N
     assert err.count("\n") == 1 and "tile size [16, 16] → [32, 32]" in err
     assert "border 'reflect' → 'constant'" in err and "--overwrite" in err
     assert tree(tmp_path / "m.zarr") == before
+
+
+def test_a_cli_resume_keeps_the_maps_pyramid_unless_told(tmp_path, image, capsys) -> None:
+    """--pyramid defaults to None: a resumed map keeps its levels (0 would delete them)."""
+    from napari_dense.cli import main
+
+    np.save(tmp_path / "img.npy", image)
+    out = tmp_path / "m.zarr"
+    common = ["predict", "15x15", str(tmp_path / "img.npy"), "-o", str(out), "--tile", "16"]
+    assert main([*common, "--device", "cpu", "--quiet", "--pyramid", "1"]) == 0
+    level1 = ProbabilityStore.open(out).read(1)
+    assert main([*common, "--device", "cpu", "--quiet", "--resume"]) == 0
+    store = ProbabilityStore.open(out)
+    assert store.pyramid_levels == 1 and store.is_complete()
+    np.testing.assert_array_equal(store.read(1), level1)
+    assert main([*common, "--quiet", "--resume", "--pyramid", "auto"]) == 0  # 40x36: no levels
+    assert ProbabilityStore.open(out).pyramid_levels == 0 and not (out / "1").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        main([*common, "--pyramid", "-1"])
+    assert caught.value.code == 2
+    assert "expected 0 or more levels, or auto, got '-1'" in capsys.readouterr().err
