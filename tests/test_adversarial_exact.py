@@ -112,3 +112,24 @@ def test_model_without_conv_gets_its_channels_from_the_graph_input() -> None:
     model = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
     assert nd.densify(model, 8).in_channels == 2
     _check_exact(model, 8, 2)
+
+
+#: Exported as torch.export programs (aten graphs), every op class converts the same, except
+#: LocalResponseNorm (aten views it as 5D) and a squeeze() that a batch-1 export applies to the
+#: batch too: refused (tests/test_adversarial_refused.py).
+EXPORTED = sorted(
+    name
+    for name in CASES
+    if name.split("_")[0] in ("branch", "head", "pool", "idiom")
+    and name not in ("branch_normalize_lrn", "head_squeeze_view")
+)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_exact_as_exported_program(name: str) -> None:
+    factory, patch, channels = CASES[name]
+    torch.manual_seed(0)
+    model = randomize_batchnorm(factory()).eval()
+    ph, pw = pair(patch)
+    program = torch.export.export(model, (torch.zeros(1, channels, ph, pw),))
+    _check_exact(program, patch, channels, oracle=model)

@@ -142,12 +142,34 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], int, type[Exception], str]] = 
 }  # fmt: skip
 
 
+def _exported(factory: Callable[[], nn.Module], patch: int) -> Callable[[], object]:
+    def make() -> object:
+        return torch.export.export(factory().eval(), (torch.zeros(1, 3, patch, patch),))
+
+    return make
+
+
+REFUSED |= {
+    "exported_local_response_norm": (
+        _exported(lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.LocalResponseNorm(3),
+                                        nn.Conv2d(8, 2, 3)), 5),
+        5, nd.UnsupportedLayerError, r"node 'view' \(operator aten.view.default in module '1'\)",
+    ),
+    "exported_squeeze_of_the_batch": (
+        _exported(lambda: Lambda(lambda m, x: m.fc(m.c(x).squeeze().view(-1, 4)),
+                                 c=nn.Conv2d(8, 4, 3), fc=nn.Linear(4, 2)), 5),
+        5, nd.UnsupportedLayerError, r"node 'squeeze' .*changing the batch dimension. Hint",
+    ),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_refused(name: str) -> None:
     factory, patch, error, fragment = REFUSED[name]
     torch.manual_seed(0)
     with pytest.raises(error, match=fragment) as info:
-        nd.densify(factory().eval(), patch)
+        model = factory()
+        nd.densify(model.eval() if isinstance(model, nn.Module) else model, patch)
     assert "\n" not in str(info.value)  # one line (the CLI prints it as is)
 
 

@@ -143,7 +143,8 @@ _ATEN_ELEMENTWISE = (
     "mul", "div", "maximum", "minimum", "to", "_to_copy", "log1p", "expm1", "sign", "floor",
     "ceil", "round", "trunc", "fmod", "remainder", "sin", "cos", "where", "gt", "ge", "lt", "le",
     "eq", "ne", "logical_and", "logical_or", "logical_not", "zeros_like", "ones_like", "full_like",
-    "empty_like",
+    "empty_like", "add_", "sub_", "mul_", "div_", "relu_", "clamp_", "clamp_min_", "sigmoid_",
+    "tanh_", "hardtanh_", "leaky_relu_", "elu_", "silu_", "hardswish_",
 )  # fmt: skip
 _ATEN_CHECKS = (
     "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_scalar",
@@ -204,6 +205,7 @@ _ATEN_MULTI_OUTPUT = set(
     _aten_ops(
         "max_pool2d_with_indices.default", "adaptive_max_pool2d.default", "native_dropout.default",
         "_native_batch_norm_legit_no_training.default", "native_batch_norm.default",
+        "native_layer_norm.default",
     )
 )  # fmt: skip
 _SUPPORTED_ATEN = (
@@ -294,10 +296,13 @@ _PER_PIXEL_ATEN = (
         _aten_ops("linalg_vector_norm.default", "logsumexp.default", "amin.default"),
         (2, "dim", None),
     )
+    | dict.fromkeys(
+        _aten_ops("channel_shuffle.default", "native_channel_shuffle.default"), (99, "dim", 1)
+    )
 )
 _ATEN_SLICE = set(_aten_ops("slice.Tensor"))
 
-_LAYER_NORMS = {F.layer_norm, *_aten_ops("layer_norm.default")}
+_LAYER_NORMS = {F.layer_norm, *_aten_ops("layer_norm.default", "native_layer_norm.default")}
 _PERMUTES = {torch.permute, *_aten_ops("permute.default")}
 _EXPANDS = set(_aten_ops("expand_as.default", "expand.default"))
 _EXPAND_METHODS = {"expand_as", "expand"}
