@@ -430,7 +430,10 @@ def test_finalize_adds_and_removes_levels_around_the_live_ones(tmp_path) -> None
     full = random_map((3, 37, 45))
     store = make(tmp_path, pyramid_levels=1)
     write_all(store, full)
+    reader = ProbabilityStore.open(store.path)  # another process's view of the same store
+    assert reader.pyramid_levels == 1
     store.finalize(pyramid_levels=3)
+    assert reader.pyramid_levels == 3 and reader.level_space(3).scale == (8.0, 8.0)
     reference = end_built(tmp_path, full, 3)
     for level in (1, 2, 3):
         np.testing.assert_array_equal(store.level(level)[...], reference.level(level)[...])

@@ -74,7 +74,7 @@ class ProbabilityStore(LockMixin, MarkersMixin, PyramidMixin):
         self.class_names: list[str] = list(image.class_names)
         self.scale: tuple[float, ...] = image.scale
         self.space: PhysicalSpace = image.spaces[0]
-        self._image = image
+        self._image, self._image_key = image, b""  # b"": validate again on first use
         self._name: str = image.name or path.stem
         attributes: dict[str, Any] = dict(group.attrs.asdict())
         self._complete = bool(attributes[ATTRIBUTES_KEY].get("complete", False))
@@ -311,11 +311,11 @@ class ProbabilityStore(LockMixin, MarkersMixin, PyramidMixin):
     @property
     def pyramid_levels(self) -> int:
         """Number of levels below level 0 listed in the NGFF metadata."""
-        return read_image(self._fresh_group()).pyramid_levels
+        return self._current_image().pyramid_levels
 
     def level_space(self, level: int) -> PhysicalSpace:
         """The (y, x) physical space of a level, as its NGFF metadata gives it."""
-        spaces = read_image(self._fresh_group()).spaces
+        spaces = self._current_image().spaces
         if not 0 <= level < len(spaces):
             raise InputError(f"{self.path} has levels 0..{len(spaces) - 1}, not {level}")
         return spaces[level]
@@ -408,6 +408,13 @@ class ProbabilityStore(LockMixin, MarkersMixin, PyramidMixin):
     def _fresh_group(self) -> zarr.Group:
         # A fresh handle: the cached one would not see another process's finalize().
         return zarr.open_group(str(self.path), mode="r", zarr_format=3)
+
+    def _current_image(self) -> StoreImage:
+        """The NGFF metadata now on disk, validated again only when zarr.json has changed."""
+        current = (self.path / "zarr.json").read_bytes()  # read first: a later change re-reads
+        if current != self._image_key:
+            self._image, self._image_key = read_image(self._fresh_group()), current
+        return self._image
 
     def _read_attributes(self) -> dict[str, Any]:
         return self._fresh_group().attrs.asdict()
