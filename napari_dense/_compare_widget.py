@@ -27,6 +27,12 @@ from .compare import ModeComparison, compare_modes
 __all__ = ["CompareModesWidget"]
 
 BAR_WIDTH = 160  # pixels of the longest bar
+MAX_PIXELS = 4096 * 4096  # compare_modes holds every mode's map of the region in memory
+
+
+def _sig(value: float) -> str:
+    """Three significant digits (one format for every number of the panel)."""
+    return "0" if value == 0 else f"{value:.3g}"
 
 
 class CompareModesWidget(Container):
@@ -76,10 +82,18 @@ class CompareModesWidget(Container):
         if inputs is None:
             return None
         layer, loaded, normalisation = inputs
-        image = np.asarray(_image_data(layer))
+        data = _image_data(layer)  # level 0; only the region is read
         offset = (0, 0)
         if self._region.value == "field of view":
-            image, offset = _visible_region(self._viewer, layer, image)
+            data, offset = _visible_region(self._viewer, layer, data)
+        pixels = int(np.prod(np.shape(data)[:2] if layer.rgb else np.shape(data)[-2:]))
+        if pixels > MAX_PIXELS:
+            show_error(
+                f"napari-dense: {pixels / 1e6:.0f} Mpx are too many to compare in memory (at most "
+                f"{MAX_PIXELS / 1e6:.0f}); choose region 'field of view' and zoom in"
+            )
+            return None
+        image = np.asarray(data)  # only the region: a lazy slide is read here, not whole
         sampling = dense.sampling()
         modes: list[Any] = ["simple"]
         if set(sampling.values()) not in ({"all"}, {"none"}, set()):  # custom: not a preset
@@ -114,26 +128,27 @@ class CompareModesWidget(Container):
             "Mpx/s",
             "host MiB",
             "GPU MiB",
-            "max |Δ|",
-            "mean |Δ|",
+            "max |Δ| (scores)",
+            "mean |Δ| (scores)",
         ]
         rows = [
             [
                 r.mode,
                 f"{r.output_stride[0]}x{r.output_stride[1]}",
-                f"{r.seconds:.3f}",
-                f"{r.megapixels_per_second:.2f}",
-                f"{r.peak_host_bytes / 2**20:.0f}",
-                f"{r.peak_device_bytes / 2**20:.0f}",
-                f"{r.max_abs_diff:.2e}",
-                f"{r.mean_abs_diff:.2e}",
+                _sig(r.seconds),
+                _sig(r.megapixels_per_second),
+                _sig(r.peak_host_bytes / 2**20),
+                _sig(r.peak_device_bytes / 2**20),
+                _sig(r.max_abs_diff),
+                _sig(r.mean_abs_diff),
             ]
             for r in comparison.results
         ]
         self._table.value = (rows, [r.mode for r in comparison.results], columns)  # type: ignore[assignment]
+        self._table.native.resizeColumnsToContents()  # every column readable
         self._exactness.value = (
             f"advanced vs per-patch on {comparison.oracle_pixels} random pixels: "
-            f"max |Δ| = {comparison.oracle_max_abs_diff:.1e}"
+            f"max |Δ| = {_sig(comparison.oracle_max_abs_diff)}"
             + ("" if comparison.exact else " (model not exact: padding)")
         )
         self._bars.value = _bar_chart(comparison)
@@ -146,7 +161,10 @@ class CompareModesWidget(Container):
                 comparison.difference,
                 name=name,
                 colormap="inferno",
-                blending="additive",
+                blending="translucent",
+                opacity=0.5,  # added hidden, at half opacity: the overlay stays readable
+                visible=False,
+                metadata={"napari_dense": {"difference": "simple - advanced"}},
                 scale=layer.scale[-2:],
                 translate=np.asarray(layer.translate[-2:])
                 + np.asarray(offset) * np.asarray(layer.scale[-2:]),
@@ -163,10 +181,8 @@ class CompareModesWidget(Container):
         return text
 
 
-def _visible_region(
-    viewer: Any, layer: Any, image: np.ndarray
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """The part of ``image`` in the current field of view (at least 64 px a side)."""
+def _visible_region(viewer: Any, layer: Any, image: Any) -> tuple[Any, tuple[int, int]]:
+    """The part of ``image`` (lazy or not) in the current field of view (at least 64 px a side)."""
     height, width = image.shape[:2] if layer.rgb else image.shape[-2:]
     y0, y1, x0, x1 = _visible_box(layer, height, width)
     region = image[y0:y1, x0:x1] if layer.rgb else image[..., y0:y1, x0:x1]
@@ -183,9 +199,9 @@ def _bar_chart(comparison: ModeComparison) -> str:
         rows.append(
             f"<tr><td>{r.mode}</td>"
             f"<td><div style='background:#5b8def;width:{int(BAR_WIDTH * r.seconds / longest)}px'>"
-            f"&nbsp;</div></td><td>{r.seconds:.2f} s</td>"
+            f"&nbsp;</div></td><td>{_sig(r.seconds)} s</td>"
             f"<td><div style='background:#e08a3c;width:{int(BAR_WIDTH * memory / biggest)}px'>"
-            f"&nbsp;</div></td><td>{memory / 2**20:.0f} MiB</td></tr>"
+            f"&nbsp;</div></td><td>{_sig(memory / 2**20)} MiB</td></tr>"
         )
     return (
         "<table><tr><th></th><th colspan=2>time</th><th colspan=2>memory</th></tr>"

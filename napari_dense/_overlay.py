@@ -182,10 +182,15 @@ class LiveOverlay:
         top = 255 if store.dtype == np.uint8 else 1
         levels = range(len(self.cache.levels))
         lead = (1.0,) * len(store.leading_axes)
+        # One level (a small map): a plain layer; napari's single-level multiscale path
+        # crashed vispy's software GL under Xvfb here.
+        multiscale = len(self.cache.levels) > 1
         self.layers = [
             viewer.add_image(
-                [StoreClassView(self.cache, level, k) for level in levels],
-                multiscale=True,
+                [StoreClassView(self.cache, level, k) for level in levels]
+                if multiscale
+                else StoreClassView(self.cache, 0, k),
+                multiscale=multiscale,
                 name=f"{name}{OUTPUT_SUFFIX}",
                 colormap=class_colourmap(k),  # the saved map's omero colours too
                 blending="additive",

@@ -11,6 +11,7 @@ message.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ class RunPanel:
             return None
         output, overwrite, resume = decision
         self._remove_output_layers()
+        self._store = None
         prepare = functools.partial(
             prepare_run,
             image_data(layer, level),
@@ -140,7 +142,7 @@ class RunPanel:
     def _output_decision(self, layer: Any, loaded: Any) -> tuple[Path, bool, bool] | None:
         """``(path, overwrite, resume)`` for the run, asking when the output exists."""
         text = str(self._output.value or "").strip()  # type: ignore[attr-defined]
-        if text in ("", "."):
+        if text in ("", ".", os.getcwd()):  # an empty field (magicgui may make it the cwd)
             mode = self.mode()  # type: ignore[attr-defined]
             label = (
                 mode
@@ -264,28 +266,32 @@ class RunPanel:
         elapsed = time.perf_counter() - self._run_started
         store = self._store
         self._close_generator()
-        if self._run_megapixels and store is not None:
-            computing = time.perf_counter() - self._prepared_at
-            self._measured_rate[self._run_device] = (
-                self._run_macs_per_pixel * self._run_megapixels * 1e6 / max(computing, 1e-9)
-            )
-        if store is not None:
-            kept = len(store.completed_tiles())
-            if store.is_complete():  # finalized by the worker
-                self._status.value = f"done in {elapsed:.1f} s · {store.path}"
-                show_info(f"napari-dense: probability map written to {store.path}")
-            elif self._cancel_reason:
-                self._status.value = self._cancel_reason
-            else:
-                self._status.value = f"stopped: {kept} tiles kept in {store.path}"
-            self._bar.value = kept
-        if self._overlay is not None:
-            self._overlay.refresh(force=True)
-        if self._activity is not None:
-            self._activity.close()
-            self._activity = None
-        self._worker = None
-        self._set_running(False)
+        try:
+            if self._run_megapixels and store is not None:
+                computing = time.perf_counter() - self._prepared_at
+                self._measured_rate[self._run_device] = (
+                    self._run_macs_per_pixel * self._run_megapixels * 1e6 / max(computing, 1e-9)
+                )
+            if store is not None:
+                kept = len(store.completed_tiles())
+                if store.is_complete():  # finalized by the worker
+                    self._status.value = f"done in {elapsed:.1f} s · {store.path}"
+                    show_info(f"napari-dense: probability map written to {store.path}")
+                elif self._cancel_reason:
+                    self._status.value = self._cancel_reason
+                else:
+                    self._status.value = f"stopped: {kept} tiles kept in {store.path}"
+                self._bar.value = kept
+            elif not self._cancel_reason:
+                self._status.value = "not started (see the message)"
+            if self._overlay is not None:
+                self._overlay.refresh(force=True)
+        finally:  # the widget is usable again, whatever happened to the store meanwhile
+            if self._activity is not None:
+                self._activity.close()
+                self._activity = None
+            self._worker = None
+            self._set_running(False)
 
     def _close_generator(self) -> None:
         generator, self._generator = self._generator, None

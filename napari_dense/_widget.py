@@ -37,6 +37,7 @@ from .errors import NapariDenseError
 from .estimate import estimate_run
 from .model_files import LoadedClassifier
 from .plan import SAMPLINGS, DensePlan
+from .sources import open_image
 
 __all__ = ["DenseInferenceWidget", "dense_widget_of"]
 
@@ -234,12 +235,19 @@ class DenseInferenceWidget(RunPanel, Container):
         if self._image.value is None or self._loaded is None:
             show_error("napari-dense: choose an image layer and load a model in Dense inference")
             return None
+        layer = self._image.value
         try:
             normalisation = self.normalisation()
-        except ValueError as err:
+            # The channel checks of a run, for every view that starts from here (lazy: no read).
+            open_image(
+                image_data(layer, self.input_level()),
+                channels=self._loaded.metadata.in_channels,
+                channel_axis=-1 if layer.rgb else None,
+            )
+        except (ValueError, NapariDenseError) as err:
             show_error(f"napari-dense: {err}")
             return None
-        return self._image.value, self._loaded, normalisation
+        return layer, self._loaded, normalisation
 
     def input_level(self) -> int:
         """The resolution level of the input a run reads (0 unless the layer is multiscale)."""

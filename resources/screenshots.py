@@ -1,7 +1,8 @@
 """Take the README's screenshots of the running demo (needs a display: ``xvfb-run -a``).
 
 ``xvfb-run -a -s "-screen 0 1600x1500x24" .venv/bin/python resources/screenshots.py``
-writes ``resources/screenshot_overlay.png`` (an Advanced run mid-way, overlay filling in),
+writes ``resources/screenshot_overlay.png`` (an Advanced run on the 16k mosaic sample mid-way,
+the multiscale overlay filling in around the view),
 ``resources/screenshot_compare.png`` (the Compare panel after comparing the modes) and
 ``resources/screenshot_frontier.png`` (its Frontier tab after measuring every sampling).
 """
@@ -31,12 +32,26 @@ def _pump(seconds: float) -> None:
 def main() -> None:
     viewer, dense, compare = run_gui(start=False)
     viewer.window._qt_window.resize(1560, 960)  # wide enough for both docks
-    dense._tile.value = 64  # many small tiles: the overlay visibly fills in
+    ihc = viewer.layers["IHC"]
+    [mosaic] = viewer.open_sample("napari-dense", "ihc_mosaic")
+    dense._image.value = mosaic
+    viewer.camera.center = (8192, 8192)  # the middle of the 16k mosaic, about 1 px per px
+    viewer.camera.zoom = 0.9
+    dense._tile.value = 128  # small tiles: the overlay visibly fills in around the view
     _pump(1.0)
     assert dense.run() is not None
-    while dense._tiles_done < 0.45 * dense._bar.max and dense._worker is not None:
+    while dense._tiles_done < 30 and dense._worker is not None:
         _pump(0.05)
+    _pump(0.5)
     _save(viewer, "screenshot_overlay.png")
+    dense.cancel()
+    while dense._worker is not None:
+        _pump(0.1)
+    for layer in [*dense._output_layers, mosaic]:
+        viewer.layers.remove(layer)
+    dense._image.value = ihc
+    viewer.reset_view()
+    assert dense.run() is not None
     while dense._worker is not None:
         _pump(0.1)
     compare._region.value = "whole image"

@@ -185,7 +185,7 @@ def test_long_model_information_wraps_and_the_dock_stays_narrow(
                                  torch.nn.Conv2d(4, 2, 5))  # fmt: skip
     metadata = ModelMetadata(patch_size=(5, 5), in_channels=1, class_names=["a", "b"], name=name)
     save_classifier(padded, path, metadata=metadata)
-    viewer = make_napari_viewer(show=True)
+    viewer = make_napari_viewer()
     viewer.add_image(np.zeros((30, 30), np.float32))
     window = viewer.window._qt_window
     width_before = window.width()
@@ -261,12 +261,10 @@ def test_multiscale_input_runs_on_the_chosen_level_with_its_scale(
     widget.run()
     _wait(qtbot, widget)
     [first, *_] = widget._output_layers
-    assert first.data[0].shape == (64, 48)
+    assert not first.multiscale and first.data.shape == (64, 48)
     np.testing.assert_allclose(first.scale, (1.0, 1.0))  # level 1: twice level 0's pixel size
     np.testing.assert_allclose(first.translate, (3.25, 4.25))  # centres of 2x2 blocks
-    np.testing.assert_allclose(
-        np.asarray(first.data[0]), nd.predict(level1, model, 15)[0], atol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(first.data), nd.predict(level1, model, 15)[0], atol=1e-5)
 
 
 def test_a_python_file_model_asks_first_and_no_leaves_nothing_loaded(
@@ -314,3 +312,23 @@ def test_tiles_follow_the_view() -> None:
     following = queue.pop()
     assert following is not None and following[1].box == (192, 256, 192, 256)
     assert len(queue) == 14
+
+
+def test_a_map_reopened_through_napari_ome_zarr_looks_like_the_overlay(
+    qtbot, make_napari_viewer, model_file, tmp_path
+) -> None:
+    reader_module = pytest.importorskip("napari_ome_zarr._reader")
+    viewer = make_napari_viewer()
+    widget = _widget(viewer, model_file, np.random.default_rng(6).random((48, 40), np.float32))
+    widget._output.value = tmp_path / "run.zarr"
+    widget.run()
+    _wait(qtbot, widget)
+    reader = reader_module.napari_get_reader(str(tmp_path / "run.zarr"))
+    assert reader is not None
+    [(data, kwargs, kind)] = reader(str(tmp_path / "run.zarr"))
+    assert kind == "image" and kwargs["channel_axis"] == 0
+    assert [name.split(": ")[-1] for name in kwargs["name"]] == CLASSES  # "run: nucleus"
+    overlay_visible = [layer.visible for layer in widget._output_layers]
+    assert list(kwargs["visible"]) == overlay_visible == [True, True, False]  # background hidden
+    level0 = np.asarray(data[0] if isinstance(data, list) else data)
+    np.testing.assert_allclose(level0, widget._store.read(), atol=0)

@@ -62,7 +62,8 @@ def _wait(qtbot, widget: DenseInferenceWidget, timeout: int = 120_000) -> None:
 
 def _output(widget: DenseInferenceWidget) -> np.ndarray:
     # What the overlay's full-resolution level shows (read through its views, as napari does).
-    return np.stack([np.asarray(layer.data[0]) for layer in widget._output_layers])
+    levels = [layer.data[0] if layer.multiscale else layer.data for layer in widget._output_layers]
+    return np.stack([np.asarray(level) for level in levels])
 
 
 @pytest.fixture
@@ -229,8 +230,27 @@ def test_compare_panel_fills_table_and_difference_layer(qtbot, dense_widget) -> 
     assert len(panel._table.value["data"]) == 2
     assert comparison.oracle_max_abs_diff < 1e-4
     assert comparison.results[0].max_abs_diff > comparison.results[1].max_abs_diff == 0
-    assert "|simple − advanced| (napari-dense)" in viewer.layers
+    difference = viewer.layers["|simple − advanced| (napari-dense)"]
+    assert not difference.visible and difference.opacity == 0.5  # the overlay stays readable
+    assert difference not in dense_widget._image.choices  # never an input
+    table = panel._table.value["data"]
+    numbers = [cell for row in table for cell in row[2:]]
+    assert all(cell == "0" or len(cell.replace(".", "").lstrip("0").split("e")[0]) <= 3
+               for cell in numbers), numbers  # fmt: skip
     assert panel.copy_markdown().startswith("| mode |")
+
+
+def test_compare_refuses_a_grey_layer_for_an_rgb_model_as_run_does(
+    dense_widget, monkeypatch
+) -> None:
+    viewer = dense_widget._viewer
+    viewer.add_image(np.zeros((40, 40), np.float32), name="grey")
+    dense_widget._image.value = viewer.layers["grey"]
+    shown: list[str] = []
+    monkeypatch.setattr("napari_dense._widget.show_error", shown.append)
+    panel = CompareModesWidget(viewer)
+    assert panel.run() is None and dense_widget.run() is None
+    assert len(shown) == 2 and all("expects 3 channel(s)" in message for message in shown)
 
 
 def test_dropping_a_model_file_loads_it(make_napari_viewer, model_and_file) -> None:
