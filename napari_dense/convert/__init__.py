@@ -11,9 +11,10 @@
    size it reads) in the patch network, and checks that the head reduces the patch to 1×1.
 3. :mod:`.builder` walks the graph once and emits the dense form of every node, following the
    rule its op class has in :mod:`.optable`: windowed ops (:mod:`.spatial`) run at stride 1 and
-   dilate later kernels when densified, per-position ops (:mod:`.pointwise`) run unchanged on
-   dense tensors; every dense tensor carries a :class:`~napari_dense.geometry.Lattice`
-   (:mod:`.state`).
+   dilate later kernels when densified, reductions (:mod:`.reduce`) are pools over the reduced
+   extent, pointwise ops and joins (:mod:`.pointwise`) and per-pixel channel ops, channels-last
+   ops and constant slices (:mod:`.local`) run unchanged or shifted on dense tensors; every
+   dense tensor carries a :class:`~napari_dense.geometry.Lattice` (:mod:`.state`).
 4. :mod:`.costs` turns the new graph into a :class:`~napari_dense.dense.DenseClassifier` and
    its :class:`~napari_dense.plan.DensePlan` with the cost of every per-layer sampling.
 5. :mod:`.verify` certifies the result: the dense network and the original model are run on a

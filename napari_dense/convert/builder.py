@@ -44,11 +44,11 @@ from .optable import (
 )
 from .patchnet import _graph_output, _shape
 from .pointwise import _PointwiseOps
-from .spatial import _SpatialOps
+from .reduce import _ReduceOps
 from .state import _env_or_none, _fetch_attr
 
 
-class _DenseGraphBuilder(_SpatialOps, _PointwiseOps, _LocalOps):
+class _DenseGraphBuilder(_ReduceOps, _PointwiseOps, _LocalOps):
     """One pass over the traced graph, emitting the dense network's graph."""
 
     def build(self) -> fx.Graph:
