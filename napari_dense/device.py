@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .fingerprint import network_sha256
 
 __all__ = [
     "DEFAULT_COMPILE_MODE",
@@ -103,18 +103,6 @@ _COMPILED: dict[CompiledKey, Any] = {}
 _WARM: set[tuple[str, str, str, str, tuple[int, ...]]] = set()
 
 
-def network_key(module: torch.nn.Module) -> str:
-    """SHA-256 of a network's code (fx) or ``repr`` and of its parameters and buffers."""
-    digest = hashlib.sha256()
-    code = getattr(getattr(module, "network", module), "code", None)
-    digest.update(str(code if code is not None else module).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def compiled_network(
     module: torch.nn.Module, device: torch.device, precision: str,
     mode: str = DEFAULT_COMPILE_MODE,
@@ -126,7 +114,7 @@ def compiled_network(
     processes, torch's own on-disk caches (Inductor's FX graph and autotuning caches, on by
     default) shorten the first compile. Returns the compiled module and its cache key.
     """
-    key = (network_key(module), str(device), precision, mode)
+    key = (network_sha256(module), str(device), precision, mode)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(module, mode=mode, dynamic=False)
     return _COMPILED[key], key
