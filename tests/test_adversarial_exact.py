@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from adversarial_zoo import (
+from conftest import ATOL, oracle_valid, randomize_batchnorm
+from test_adversarial_zoo import (
     ACTIVATIONS,
     BRANCHES,
     FUNCTIONAL,
@@ -26,7 +27,6 @@ from adversarial_zoo import (
     simo_serra64,
     uninformed_students,
 )
-from conftest import ATOL, oracle_valid, randomize_batchnorm
 from torch import nn
 
 import napari_dense as nd

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from adversarial_zoo import Lambda, head, pooled_stem
 from conftest import ATOL, oracle_valid
+from test_adversarial_zoo import Lambda, head, pooled_stem
 from torch import nn
 
 import napari_dense as nd

@@ -1,4 +1,4 @@
-"""Models a new user brings: published patch nets, op zoo, pooling corners, heads, branches.
+"""Models a new user brings (no tests here: the zoo the adversarial tests draw from).
 
 Every factory returns a small, unpadded classifier whose dense network must equal per-patch
 evaluation (``EXACT``), or one that must be refused with a message naming the node
