@@ -64,6 +64,8 @@ class ChunkCache:
         x0, x1, _ = xs.indices(width)
         y1, x1 = max(y1, y0), max(x1, x0)
         out = np.zeros((self.store.num_classes, y1 - y0, x1 - x0), dtype=array.dtype)
+        self._fetch(level, leading, range(y0 // tile_y, -(-y1 // tile_y)),
+                    range(x0 // tile_x, -(-x1 // tile_x)))  # fmt: skip
         for row in range(y0 // tile_y, -(-y1 // tile_y)):
             for col in range(x0 // tile_x, -(-x1 // tile_x)):
                 chunk = self._chunk(level, leading, row, col)
@@ -74,6 +76,43 @@ class ChunkCache:
                     :, a0 - cy0 : a1 - cy0, b0 - cx0 : b1 - cx0
                 ]
         return out
+
+    def _fetch(self, level: int, leading: tuple[int, ...], rows: range, cols: range) -> None:
+        """Decode the missing chunks of a block of chunks in one read (zarr decodes them
+        concurrently; one call per chunk costs milliseconds each)."""
+        missing = [
+            (row, col)
+            for row in rows
+            for col in cols
+            if (level, leading, row, col) not in self._chunks
+        ]
+        if len(missing) < 2:
+            return
+        array = self.levels[level]
+        tile_y, tile_x = (int(size) for size in array.chunks[-2:])
+        r0, r1 = min(r for r, _ in missing), max(r for r, _ in missing) + 1
+        c0, c1 = min(c for _, c in missing), max(c for _, c in missing) + 1
+        ys = slice(r0 * tile_y, min(r1 * tile_y, int(array.shape[-2])))
+        xs = slice(c0 * tile_x, min(c1 * tile_x, int(array.shape[-1])))
+        by_axis: dict[str, Any] = dict(zip(self.store.leading_axes, leading, strict=True))
+        by_axis.update(c=slice(None), y=ys, x=xs)
+        try:
+            block = np.asarray(array[tuple(by_axis[axis] for axis in self.axes)])
+        except Exception:  # being written: chunk by chunk below
+            return
+        self.reads += 1
+        for row, col in missing:
+            a0, b0 = (row - r0) * tile_y, (col - c0) * tile_x
+            chunk = np.ascontiguousarray(block[:, a0 : a0 + tile_y, b0 : b0 + tile_x])
+            self._keep((level, leading, row, col), chunk)
+
+    def _keep(self, key: tuple[Any, ...], chunk: np.ndarray) -> None:
+        self._drop(key)
+        self._chunks[key] = chunk
+        self._bytes += chunk.nbytes
+        while self._bytes > self._max_bytes and len(self._chunks) > 1:
+            _, dropped = self._chunks.popitem(last=False)
+            self._bytes -= dropped.nbytes
 
     def _chunk(self, level: int, leading: tuple[int, ...], row: int, col: int) -> np.ndarray:
         key = (level, leading, row, col)
@@ -93,11 +132,7 @@ class ChunkCache:
             shape = (self.store.num_classes, ys.stop - ys.start, xs.stop - xs.start)
             return np.zeros(shape, dtype=array.dtype)
         self.reads += 1
-        self._chunks[key] = chunk
-        self._bytes += chunk.nbytes
-        while self._bytes > self._max_bytes and len(self._chunks) > 1:
-            _, dropped = self._chunks.popitem(last=False)
-            self._bytes -= dropped.nbytes
+        self._keep(key, chunk)
         return chunk
 
     def _drop(self, key: tuple[Any, ...]) -> None:
