@@ -10,7 +10,13 @@ from __future__ import annotations
 from .convert import densify, explain
 from .dense import DenseClassifier
 from .engine import iter_predict
-from .errors import InputError, NapariDenseError, PatchSizeError, UnsupportedLayerError
+from .errors import (
+    ConversionError,
+    InputError,
+    NapariDenseError,
+    PatchSizeError,
+    UnsupportedLayerError,
+)
 from .frontier import Frontier, FrontierRow, frontier, iter_frontier
 from .model_files import LoadedClassifier, ModelMetadata, load_classifier, save_classifier
 from .plan import DensePlan, StridingLayer
@@ -20,6 +26,7 @@ from .to_zarr import predict_to_zarr
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionError",
     "DenseClassifier",
     "DensePlan",
     "Frontier",

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["InputError", "NapariDenseError", "PatchSizeError", "UnsupportedLayerError"]
+__all__ = [
+    "ConversionError",
+    "InputError",
+    "NapariDenseError",
+    "PatchSizeError",
+    "UnsupportedLayerError",
+]
 
 
 class NapariDenseError(Exception):
@@ -19,3 +25,7 @@ class PatchSizeError(NapariDenseError, ValueError):
 
 class InputError(NapariDenseError, ValueError):
     """The image (or another argument) cannot be used as given."""
+
+
+class ConversionError(NapariDenseError, RuntimeError):
+    """The converted network does not compute what the model computes (a failed self-check)."""

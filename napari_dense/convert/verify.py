@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 
 from ..dense import DenseClassifier
-from ..errors import NapariDenseError
+from ..errors import ConversionError
 from ..geometry import Lattice, Pair, checkered_phases
 from ..plan import Verification
 from .acquire import Classifier, ExportedModule, _device_of
@@ -37,10 +37,6 @@ _MIN_POSITIONS = 12  # over the whole batch, on top of the phase cover
 _SEED = 20171
 _FREE_MACS = 5e7  # patches this cheap in all are always affordable (small nets: 12 more)
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
-class ConversionError(NapariDenseError, RuntimeError):
-    """The converted network does not compute what the model computes (a failed self-check)."""
 
 
 def certify(
