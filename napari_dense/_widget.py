@@ -70,14 +70,16 @@ def device_choices() -> list[str]:
     return [*choices, "cpu"]
 
 
-def wrapping(label: Label, tooltip: str | None = None) -> Label:
-    """Let a label wrap instead of widening the dock; ``tooltip`` holds the whole text."""
+def wrapping(label: Label, tooltip: str | None = None, *, wrap: bool = True) -> Label:
+    """Let a label wrap (or clip, ``wrap=False``) instead of widening the dock; ``tooltip``
+    holds the whole text."""
     from qtpy.QtWidgets import QSizePolicy
 
     native = label.native
-    native.setWordWrap(True)
+    native.setWordWrap(wrap)
     native.setMinimumWidth(0)
-    native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    vertical = QSizePolicy.Policy.Minimum if wrap else QSizePolicy.Policy.Preferred
+    native.setSizePolicy(QSizePolicy.Policy.Ignored, vertical)
     if tooltip is not None:
         native.setToolTip(tooltip)
     return label
@@ -96,7 +98,9 @@ class DenseInferenceWidget(RunPanel, Container):
         self._image = ComboBox(label="image", choices=lambda _: input_layers(viewer))
         self._level = ComboBox(label="level", choices=self._level_choices, visible=False)
         self._model_file = FileEdit(label="model", filter="*.pt2 *.yaml *.yml", mode="r")
-        self._model_info = wrapping(Label(value="drop a .pt2 model on the viewer or pick one"))
+        self._model_info = wrapping(
+            Label(value="drop a .pt2 model on the viewer or pick one"), wrap=False
+        )
         self._preset = RadioButtons(
             label="mode", choices=PRESETS, value="Advanced", orientation="horizontal"
         )
@@ -180,10 +184,10 @@ class DenseInferenceWidget(RunPanel, Container):
             with self._model_file.changed.blocked():
                 self._model_file.value = path
         exactness = "exact" if plan.exact else "NOT exact (see tooltip)"
-        summary = (
-            f"{_elide(meta.name or path.stem, 40)}: "
-            f"patch {meta.patch_size[0]}x{meta.patch_size[1]}, "
-            f"{meta.in_channels} channel(s), classes {', '.join(meta.class_names)} · {exactness}"
+        summary = (  # two short lines; the whole text is in the tooltip
+            f"{_elide(meta.name or path.stem, 24)}: patch {meta.patch_size[0]}x"
+            f"{meta.patch_size[1]}, {meta.in_channels} ch · {exactness}\n"
+            f"classes: {_elide(', '.join(meta.class_names), 40)}"
         )
         details = f"{meta.name or path.stem} ({path})\n{summary}"
         if not plan.exact:
@@ -197,7 +201,7 @@ class DenseInferenceWidget(RunPanel, Container):
         self._ties = {layer.name: layer.tied_with for layer in plan.layers}
         for layer in plan.layers:
             choice = ComboBox(choices=SAMPLINGS, value="all", tooltip=SAMPLING_HELP)
-            choice.max_width = 105  # the name and cost keep the rest of the row
+            choice.min_width = choice.max_width = 105  # the name and cost keep the rest
             choice.changed.connect(lambda value, name=layer.name: self._on_switch(name, value))
             self._layer_switches[layer.name] = choice
             text = (
@@ -205,7 +209,7 @@ class DenseInferenceWidget(RunPanel, Container):
                 f"/{layer.stride[0]} (all: +{layer.added_macs_per_pixel / 1e3:.0f}k MAC/px)"
             )
             row = Container(
-                widgets=[choice, wrapping(Label(value=text), text)],
+                widgets=[choice, wrapping(Label(value=text), text, wrap=False)],
                 layout="horizontal",
                 labels=False,
             )
