@@ -207,11 +207,16 @@ def test_gui_stays_responsive_during_a_run(qtbot, dense_widget) -> None:
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start(10)
+    started = time.perf_counter()
     widget.run()
     _wait(qtbot, widget)
+    finished = time.perf_counter()
     timer.stop()
+    # The event loop kept running while the worker computed (no timing threshold: the figures
+    # are measured by benchmarks/bench_gui.py, not asserted here).
+    during = [t for t in ticks if started < t < finished]
+    assert len(during) >= 2, (len(ticks), finished - started)
     gaps = np.diff(ticks) * 1000
-    assert len(gaps) > 5
     print(
         f"\nevent-loop latency during a run: max {gaps.max():.0f} ms, "
         f"median {np.median(gaps):.0f} ms over {len(gaps)} ticks"
