@@ -108,6 +108,7 @@ class RunPanel:
             overwrite=overwrite,
             resume=resume,
             pyramid_levels="auto",  # filled as tiles land: the overlay is multiscale
+            space=_layer_space(layer, level),  # the store carries the layer's world transform
         )
         self._input_layer, self._input_level = layer, level
         self._follower.set(field_of_view_centre(self._viewer, layer, level))
@@ -205,9 +206,11 @@ class RunPanel:
     def _on_prepared(self, prepared: Prepared) -> None:
         self._store = prepared.store
         self._prepared_at, self._computed = time.perf_counter(), 0
-        layer = self._input_layer
-        scale, translate = level_transform(layer, self._input_level)
-        self._overlay = LiveOverlay(self._viewer, prepared.store, scale, translate)
+        space = prepared.store.level_space(0)  # the input level's transform, as stored
+        self._overlay = LiveOverlay(self._viewer, prepared.store, space.scale, space.translation)
+        if all(space.units):
+            for added in self._overlay.layers:
+                added.units = (*tuple(added.units)[:-2], *space.units)
         if self._gone():  # closed while the layers were added (that processes events)
             return
         self._tiles_total = prepared.total
@@ -350,6 +353,13 @@ class RunPanel:
     def _set_running(self, running: bool) -> None:
         self._run_button.enabled = not running  # type: ignore[attr-defined]
         self._cancel_button.enabled = running  # type: ignore[attr-defined]
+
+
+def _layer_space(layer: Any, level: int) -> dict[str, Any]:
+    """``scale``, ``translate`` and ``units`` of the ``(y, x)`` pixels of ``level`` of ``layer``."""
+    scale, translate = level_transform(layer, level)
+    units = tuple(getattr(layer, "units", None) or (None, None))[-2:]
+    return {"scale": tuple(scale), "translate": tuple(translate), "units": units}
 
 
 def _passthrough(generator: Any) -> Any:

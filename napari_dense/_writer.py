@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from .store import ProbabilityStore
+from .physical import PhysicalSpace
+from .store import ProbabilityStore, resolve_space
 
 __all__ = ["write_probability_maps"]
 
@@ -51,6 +52,7 @@ def write_probability_maps(
         class_names=names,
         attributes=_provenance(layer_data[0][1]),
         overwrite=True,
+        space=_layer_space(layer_data[0][1]),
     )
     scales = [
         _to_probability_scale(meta, level)
@@ -68,6 +70,17 @@ def write_probability_maps(
             store.write_tile((), (y0, y1, x0, x1), block)
     store.finalize(attributes={"complete": True})
     return [path]
+
+
+def _layer_space(meta: dict[str, Any]) -> PhysicalSpace:
+    """The (y, x) scale, translate and units of a layer (of its full-resolution level)."""
+    return resolve_space(
+        {
+            "scale": meta.get("scale", (1.0, 1.0)),
+            "translate": meta.get("translate", (0.0, 0.0)),
+            "units": meta.get("units") or (None, None),
+        }
+    )
 
 
 def _to_probability_scale(_meta: dict[str, Any], level: Any) -> float:

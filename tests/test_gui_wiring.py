@@ -1,0 +1,108 @@
+"""Back ends wired into the GUI: the physical space of runs and saved maps.
+
+Real viewers under Xvfb (pytest-xvfb); dialogs never open (outputs go to fresh paths).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_dense._widget import DenseInferenceWidget
+from napari_dense._writer import write_probability_maps
+from napari_dense.model_files import ModelMetadata, save_classifier
+from napari_dense.models import fdfe15
+from napari_dense.physical import PhysicalSpace
+from napari_dense.store import ProbabilityStore
+
+CLASSES = ["nucleus", "stain", "background"]
+MICRONS = ("micrometer", "micrometer")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = fdfe15(num_classes=3).eval()
+    path = tmp_path_factory.mktemp("model") / "fdfe.pt2"
+    metadata = ModelMetadata(patch_size=(15, 15), in_channels=1, class_names=CLASSES, name="fdfe")
+    save_classifier(model, path, metadata=metadata)
+    return path
+
+
+def _run(qtbot, viewer, model_file: Path, output: Path, level: int = 0) -> DenseInferenceWidget:
+    widget = DenseInferenceWidget(viewer)
+    widget.load_model(model_file)
+    widget._output.value = output
+    if level:
+        widget._level.value = level
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert widget._store is not None and widget._store.is_complete()
+    return widget
+
+
+def _layer_space(layer) -> tuple[tuple[float, ...], tuple[float, ...], tuple[str, ...]]:
+    return (
+        tuple(float(v) for v in layer.scale[-2:]),
+        tuple(float(v) for v in layer.translate[-2:]),
+        tuple(str(u) for u in layer.units[-2:]),
+    )
+
+
+def test_run_store_and_class_layers_carry_the_input_layers_space(
+    qtbot, make_napari_viewer, model_file, tmp_path
+) -> None:
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(0).random((40, 50), np.float32)
+    viewer.add_image(image, name="grey", scale=(0.25, 0.25), translate=(10, 20), units="µm")
+    widget = _run(qtbot, viewer, model_file, tmp_path / "map.ome.zarr")
+    expected = PhysicalSpace(scale=(0.25, 0.25), translation=(10.0, 20.0), units=MICRONS)
+    assert widget._store.level_space(0) == expected
+    assert ProbabilityStore.open(widget._store.path).space == expected
+    assert len(widget._output_layers) == len(CLASSES)
+    for layer in widget._output_layers:
+        assert _layer_space(layer) == ((0.25, 0.25), (10.0, 20.0), MICRONS)
+
+    saved = tmp_path / "saved.ome.zarr"
+    tuples = [layer.as_layer_data_tuple() for layer in widget._output_layers]
+    assert write_probability_maps(str(saved), tuples) == [str(saved)]
+    reopened = ProbabilityStore.open(saved)
+    assert reopened.space == expected
+    assert reopened.class_names == CLASSES
+    np.testing.assert_allclose(reopened.read(0), widget._store.read(0), atol=0)
+
+
+def test_run_on_a_coarser_level_carries_that_levels_transform(
+    qtbot, make_napari_viewer, model_file, tmp_path
+) -> None:
+    viewer = make_napari_viewer()
+    fine = np.random.default_rng(1).random((64, 80), np.float32)
+    coarse = fine.reshape(32, 2, 40, 2).mean(axis=(1, 3))
+    viewer.add_image(
+        [fine, coarse], multiscale=True, name="grey", scale=(0.5, 0.5), translate=(10, 20)
+    )
+    widget = _run(qtbot, viewer, model_file, tmp_path / "map.ome.zarr", level=1)
+    assert widget._store.read(0).shape[-2:] == (32, 40)
+    # Level 1 pixels are 2x larger, their centres half a level-0 pixel further.
+    space = widget._store.level_space(0)
+    assert space.scale == (1.0, 1.0) and space.translation == (10.25, 20.25)
+    assert space.units == (None, None)  # napari's default "pixel": no physical unit
+    for layer in widget._output_layers:
+        assert _layer_space(layer)[:2] == ((1.0, 1.0), (10.25, 20.25))
+
+
+def test_writer_keeps_a_plain_layers_space(tmp_path) -> None:
+    probabilities = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    meta = {"name": "p", "scale": [2.0, 3.0], "translate": [-1.0, 5.0], "units": ("nm", "nm")}
+    write_probability_maps(str(tmp_path / "p.ome.zarr"), [(probabilities, meta, "image")])
+    store = ProbabilityStore.open(tmp_path / "p.ome.zarr")
+    assert store.space == PhysicalSpace(
+        scale=(2.0, 3.0), translation=(-1.0, 5.0), units=("nanometer", "nanometer")
+    )
+    assert store.level_space(0).napari_kwargs()["units"] == ("nanometer", "nanometer")
