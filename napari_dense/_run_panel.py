@@ -26,6 +26,7 @@ from ._layers import field_of_view_centre, image_data, level_transform
 from ._live_run import Prepared, ViewFollower, live_run
 from ._overlay import LiveOverlay
 from ._workers import reporting_errors
+from .estimate import gui_tile_size
 from .to_zarr import prepare_run
 
 __all__ = ["REFRESH_MS", "RunPanel"]
@@ -103,7 +104,10 @@ class RunPanel:
             channel_axis=-1 if layer.rgb else None,
             device=self._device.value,  # type: ignore[attr-defined]
             precision=self._precision.value,  # type: ignore[attr-defined]
-            tile=self._tile.value or None,  # type: ignore[attr-defined]
+            # Latency-sized tiles (first tile and Cancel within ~1 s); a resume keeps the store's.
+            tile=(self._tile.value or None)  # type: ignore[attr-defined]
+            if resume
+            else gui_tile_size(self._tile.value),  # type: ignore[attr-defined]
             normalisation=normalisation,
             overwrite=overwrite,
             resume=resume,

@@ -27,14 +27,15 @@ from magicgui.widgets import (
     RadioButtons,
     SpinBox,
 )
+from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 
 from . import _output_dialog, model_files
 from ._layers import image_data, input_layers, plane_shape
 from ._run_panel import RunPanel
-from .convert import explain
+from .convert import densify, explain
 from .errors import NapariDenseError
-from .estimate import estimate_run
+from .estimate import cached_probe, estimate_run, gui_tile_size, known_probe, probe_rate
 from .model_files import LoadedClassifier
 from .plan import SAMPLINGS, DensePlan
 from .sources import open_image
@@ -94,6 +95,7 @@ class DenseInferenceWidget(RunPanel, Container):
         _WIDGETS[viewer] = self
         self._loaded: LoadedClassifier | None = None
         self._plans: dict[tuple[tuple[str, str], ...], DensePlan] = {}
+        self._probing: set[Any] = set()  # probe keys being measured (estimate.probe_rate)
 
         self._image = ComboBox(label="image", choices=lambda _: input_layers(viewer))
         self._level = ComboBox(label="level", choices=self._level_choices, visible=False)
@@ -189,7 +191,14 @@ class DenseInferenceWidget(RunPanel, Container):
             f"{meta.patch_size[1]}, {meta.in_channels} ch · {exactness}\n"
             f"classes: {_elide(', '.join(meta.class_names), 40)}"
         )
+        checked = plan.verified
+        if checked is not None and plan.exact:  # the conversion's certificate, in short
+            summary += (
+                f"\nchecked: max |Δ| {checked.max_abs_diff:.1g} at {checked.positions} positions"
+            )
         details = f"{meta.name or path.stem} ({path})\n{summary}"
+        if checked is not None:
+            details += f"\n\nself-check: {checked.summary()}"
         if not plan.exact:
             details += "\n\n" + "\n".join(plan.inexact_reasons)
         self._model_info.value = summary
@@ -373,19 +382,43 @@ class DenseInferenceWidget(RunPanel, Container):
             return
         assert plan is not None
         height, width = plane_shape(layer, self.input_level())
-        tile = self._tile.value or 1024
+        tile = gui_tile_size(self._tile.value)
         device = self._device.value.split(":")[0]
         device = "cuda" if device == "auto" and torch.cuda.is_available() else device
         device = "cpu" if device == "auto" else device
+        measured = self._measured_rate.get(device)  # the last run's (tiles with their halo)
+        probed = None if measured else self._probed_rate(device)
         estimate = estimate_run(
             plan,
             height * width,
             min(tile * tile, height * width),
             device,
-            self._measured_rate.get(device),
+            measured or probed,
+            halo=plan.patch_size if probed else (1, 1),
         )
-        self._estimate.value = estimate.describe()
+        source = "last run" if measured else "probe" if probed else "probing…"
+        self._estimate.value = f"{estimate.describe()} ({source})"
         self._estimate.native.setToolTip(estimate.describe())
+
+    def _probed_rate(self, device: str) -> float | None:
+        """The probe's rate for this model, sampling and device; measured once, in a worker."""
+        assert self._loaded is not None
+        key = (self._loaded.sha256, _key(self.sampling()), device)
+        rate = known_probe(key)
+        if rate is None and key not in self._probing:
+            self._probing.add(key)
+            module, patch = self._loaded.module, self._loaded.metadata.patch_size
+            sampling = self.sampling()
+
+            def measure() -> float:
+                dense = lambda: densify(module, patch, sampling=sampling)  # noqa: E731
+                return cached_probe(key, lambda: probe_rate(dense(), device))
+
+            worker = create_worker(measure, _ignore_errors=True)
+            worker.finished.connect(lambda: self._probing.discard(key))
+            worker.returned.connect(lambda _: self._gone() or self._update_estimate())
+            worker.start()
+        return rate
 
 
 def _elide(text: str, length: int) -> str:

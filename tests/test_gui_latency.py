@@ -1,0 +1,117 @@
+"""GUI latency and honest estimates: latency-sized tiles, the calibration probe (no timings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import napari_dense as nd
+from napari_dense import estimate
+from napari_dense.errors import InputError
+from napari_dense.model_files import ModelMetadata, save_classifier
+from napari_dense.models import patchnet32
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "patchnet.pt2"
+    metadata = ModelMetadata(
+        patch_size=(32, 32), in_channels=3, class_names=["a", "b"], name="p", activation="none"
+    )
+    save_classifier(patchnet32(num_classes=2).eval(), path, metadata=metadata)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probes(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(estimate, "_probes", {})
+    cache = tmp_path / "session-cache"
+    cache.mkdir()
+    monkeypatch.setattr("napari_dense._output_dialog._SESSION", [cache])
+
+
+def test_gui_tiles_are_latency_sized_unless_the_user_sets_one() -> None:
+    assert estimate.gui_tile_size(0) == estimate.GUI_TILE == 512
+    assert estimate.gui_tile_size(None) == 512
+    assert estimate.gui_tile_size(256) == 256
+
+
+def test_cached_probe_measures_once_per_key() -> None:
+    calls: list[int] = []
+
+    def measure() -> float:
+        calls.append(1)
+        return 1e9 * len(calls)
+
+    assert estimate.known_probe("k") is None
+    assert estimate.cached_probe("k", measure) == 1e9
+    assert estimate.cached_probe("k", measure) == 1e9
+    assert estimate.known_probe("k") == 1e9
+    assert estimate.cached_probe("other", measure) == 2e9
+    assert len(calls) == 2
+
+
+def test_probe_rate_counts_the_window_and_the_estimate_scales_by_the_halo() -> None:
+    dense = nd.densify(patchnet32(num_classes=2).eval(), 32)
+    rate = estimate.probe_rate(dense, "cpu", side=16)
+    assert np.isfinite(rate) and rate > 0
+    plan = dense.plan
+    plain = estimate.estimate_run(plan, 512 * 512, 512 * 512, "cpu", 1e9)
+    with_halo = estimate.estimate_run(plan, 512 * 512, 512 * 512, "cpu", 1e9, halo=(32, 32))
+    assert plain.seconds == pytest.approx(plan.macs_per_pixel * 512 * 512 / 1e9)
+    assert with_halo.seconds == pytest.approx(plain.seconds * (543 / 512) ** 2)
+
+
+def test_widget_probes_once_for_two_estimates_and_says_so(
+    qtbot, make_napari_viewer, model_file, monkeypatch
+) -> None:
+    from napari_dense import _widget
+
+    calls: list[str] = []
+
+    def fake_probe(dense, device):
+        calls.append(device)
+        return 2e9
+
+    monkeypatch.setattr(_widget, "probe_rate", fake_probe)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((600, 700, 3), np.float32), name="cells", rgb=True)
+    widget = _widget.DenseInferenceWidget(viewer)
+    widget._device.value = "cpu"
+    widget.load_model(model_file)
+    qtbot.waitUntil(lambda: "(probe)" in widget._estimate.value, timeout=60_000)
+    widget._update_estimate()
+    widget._tile.value = 256  # another estimate, same model, sampling and device
+    assert "(probe)" in widget._estimate.value
+    assert calls == ["cpu"]
+    plan = widget.plan()
+    expected = estimate.estimate_run(plan, 600 * 700, 256 * 256, "cpu", 2e9, halo=(32, 32))
+    assert expected.describe() in widget._estimate.value
+
+
+def test_a_gui_run_uses_latency_sized_tiles(qtbot, make_napari_viewer, model_file, monkeypatch):
+    from napari_dense import _run_panel
+    from napari_dense._widget import DenseInferenceWidget
+
+    seen: dict[str, object] = {}
+
+    def refusing_prepare(*_args, **kwargs):
+        seen.update(kwargs)
+        raise InputError("stopped by the test")
+
+    monkeypatch.setattr(_run_panel, "prepare_run", refusing_prepare)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64, 3), np.float32), name="cells", rgb=True)
+    widget = DenseInferenceWidget(viewer)
+    widget.load_model(model_file)
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert seen["tile"] == 512 and seen["resume"] is False
+    widget._tile.value = 128
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert seen["tile"] == 128
