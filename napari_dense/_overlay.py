@@ -30,10 +30,17 @@ class ChunkCache:
     """Decoded chunks ``(K, th, tw)`` of every level of a store, least recently used dropped.
 
     Read on the GUI thread while the run writes: a chunk that cannot be decoded (being
-    written) reads as zeros and is not kept.
+    written) reads as zeros and is not kept. A chunk no recorded tile touched (``written``, and
+    every tile :meth:`invalidate` was told of since) is zeros without reading the store: the
+    first slices of a new run's layers, and the unvisited parts of a slide, cost no I/O.
     """
 
-    def __init__(self, store: Any, max_bytes: int = CACHE_BYTES):
+    def __init__(
+        self,
+        store: Any,
+        max_bytes: int = CACHE_BYTES,
+        written: Iterable[tuple[tuple[int, ...], Box]] | None = None,
+    ):
         self.store = store
         self.levels = [store.level(level) for level in range(store.pyramid_levels + 1)]
         self.axes = store.axes
@@ -42,18 +49,29 @@ class ChunkCache:
         self._bytes = 0
         self._max_bytes = max_bytes
         self.reads = 0  # chunks decoded from disk (tests, benchmarks)
+        self._written: set[tuple[Any, ...]] = set()
+        for leading, box in store.completed_tiles() if written is None else written:
+            self._mark(tuple(leading), box)
 
-    def invalidate(self, leading: tuple[int, ...], box: Box) -> None:
-        """A tile of level 0 changed: forget its chunks on every level."""
+    def _footprint(self, box: Box) -> Iterable[tuple[int, int, int]]:
+        """``(level, row, col)`` of every chunk a level-0 box touches, on every level."""
         y0, y1, x0, x1 = box
         for level, array in enumerate(self.levels):
             factor = 2**level
             tile_y, tile_x = (int(size) for size in array.chunks[-2:])
-            rows = range(y0 // factor // tile_y, -(-y1 // factor) // tile_y + 1)
-            cols = range(x0 // factor // tile_x, -(-x1 // factor) // tile_x + 1)
-            for row in rows:
-                for col in cols:
-                    self._drop((level, leading, row, col))
+            for row in range(y0 // factor // tile_y, -(-y1 // factor) // tile_y + 1):
+                for col in range(x0 // factor // tile_x, -(-x1 // factor) // tile_x + 1):
+                    yield level, row, col
+
+    def _mark(self, leading: tuple[int, ...], box: Box) -> None:
+        for level, row, col in self._footprint(box):
+            self._written.add((level, leading, row, col))
+
+    def invalidate(self, leading: tuple[int, ...], box: Box) -> None:
+        """A tile of level 0 changed: forget its chunks on every level (now written)."""
+        for level, row, col in self._footprint(box):
+            self._drop((level, leading, row, col))
+            self._written.add((level, leading, row, col))
 
     def region(self, level: int, leading: tuple[int, ...], ys: slice, xs: slice) -> np.ndarray:
         """``(K, rows, cols)`` of ``level`` at ``leading`` (``ys``/``xs``: step 1, clipped)."""
@@ -64,27 +82,31 @@ class ChunkCache:
         x0, x1, _ = xs.indices(width)
         y1, x1 = max(y1, y0), max(x1, x0)
         out = np.zeros((self.store.num_classes, y1 - y0, x1 - x0), dtype=array.dtype)
-        self._fetch(level, leading, range(y0 // tile_y, -(-y1 // tile_y)),
-                    range(x0 // tile_x, -(-x1 // tile_x)))  # fmt: skip
-        for row in range(y0 // tile_y, -(-y1 // tile_y)):
-            for col in range(x0 // tile_x, -(-x1 // tile_x)):
-                chunk = self._chunk(level, leading, row, col)
-                cy0, cx0 = row * tile_y, col * tile_x
-                a0, a1 = max(y0, cy0), min(y1, cy0 + chunk.shape[-2])
-                b0, b1 = max(x0, cx0), min(x1, cx0 + chunk.shape[-1])
-                out[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = chunk[
-                    :, a0 - cy0 : a1 - cy0, b0 - cx0 : b1 - cx0
-                ]
-        return out
-
-    def _fetch(self, level: int, leading: tuple[int, ...], rows: range, cols: range) -> None:
-        """Decode the missing chunks of a block of chunks in one read (zarr decodes them
-        concurrently; one call per chunk costs milliseconds each)."""
-        missing = [
+        rows, cols = range(y0 // tile_y, -(-y1 // tile_y)), range(x0 // tile_x, -(-x1 // tile_x))
+        written = [
             (row, col)
             for row in rows
             for col in cols
-            if (level, leading, row, col) not in self._chunks
+            if (level, leading, row, col) in self._written
+        ]
+        if not written:  # nothing landed here yet: no read, no copy
+            return out
+        self._fetch(level, leading, written)
+        for row, col in written:
+            chunk = self._chunk(level, leading, row, col)
+            cy0, cx0 = row * tile_y, col * tile_x
+            a0, a1 = max(y0, cy0), min(y1, cy0 + chunk.shape[-2])
+            b0, b1 = max(x0, cx0), min(x1, cx0 + chunk.shape[-1])
+            out[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = chunk[
+                :, a0 - cy0 : a1 - cy0, b0 - cx0 : b1 - cx0
+            ]
+        return out
+
+    def _fetch(self, level: int, leading: tuple[int, ...], chunks: list[tuple[int, int]]) -> None:
+        """Decode the missing ones of ``chunks`` (``(row, col)``) in one read of their bounding
+        block (zarr decodes them concurrently; one call per chunk costs milliseconds each)."""
+        missing = [
+            (row, col) for row, col in chunks if (level, leading, row, col) not in self._chunks
         ]
         if len(missing) < 2:
             return

@@ -115,3 +115,27 @@ def test_a_gui_run_uses_latency_sized_tiles(qtbot, make_napari_viewer, model_fil
     widget.run()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert seen["tile"] == 128
+
+
+def test_chunk_cache_reads_nothing_where_no_tile_landed(tmp_path) -> None:
+    from napari_dense._overlay import ChunkCache
+    from napari_dense.store import ProbabilityStore
+
+    store = ProbabilityStore.create(
+        tmp_path / "map.zarr", shape=(2, 64, 64), axes="cyx", chunks=16, class_names=["a", "b"],
+        pyramid_levels=1,
+    )  # fmt: skip
+    cache = ChunkCache(store)
+    empty = cache.region(0, (), slice(0, 64), slice(0, 64))
+    assert cache.reads == 0 and empty.shape == (2, 64, 64) and not empty.any()
+    tile = np.full((2, 16, 16), 0.25, np.float32)
+    store.write_tile((), (16, 32, 0, 16), tile)
+    cache.invalidate((), (16, 32, 0, 16))
+    filled = cache.region(0, (), slice(0, 64), slice(0, 64))
+    assert cache.reads >= 1
+    assert (filled[:, 16:32, 0:16] == 0.25).all() and not filled[:, :16].any()
+    # A reopened (resumed) store: its recorded tiles are read, the others are not.
+    again = ChunkCache(store)
+    assert (again.region(0, (), slice(16, 32), slice(0, 16)) == 0.25).all()
+    reads = again.reads
+    assert not again.region(0, (), slice(32, 64), slice(32, 64)).any() and again.reads == reads
