@@ -22,7 +22,7 @@ from ._frontier_view import FrontierView
 from ._layers import image_data as _image_data
 from ._layers import visible_box as _visible_box
 from ._widget import dense_widget_of
-from .compare import ModeComparison, compare_modes
+from .compare import HOST_MEMORY, ModeComparison, compare_modes
 
 __all__ = ["CompareModesWidget"]
 
@@ -108,6 +108,7 @@ class CompareModesWidget(Container):
             channel_axis=-1 if layer.rgb else None,
             normalisation=normalisation,
             device=dense._device.value,
+            activation=loaded.metadata.activation,  # |Δ| in probabilities, as the map stores
             _start_thread=False,
             _ignore_errors=True,  # shown as a notification below, not raised in the event loop
         )
@@ -121,15 +122,16 @@ class CompareModesWidget(Container):
 
     def _show(self, comparison: ModeComparison, layer: Any, offset: tuple[int, int]) -> None:
         self.comparison = comparison
+        unit = "p" if comparison.delta_unit == "probabilities" else "scores"
         columns = [
             "mode",
             "stride",
             "time s",
             "Mpx/s",
-            "host MiB",
+            HOST_MEMORY,
             "GPU MiB",
-            "max |Δ| (scores)",
-            "mean |Δ| (scores)",
+            f"max |Δ| ({unit})",
+            f"mean |Δ| ({unit})",
         ]
         rows = [
             [
@@ -150,7 +152,13 @@ class CompareModesWidget(Container):
             f"advanced vs per-patch on {comparison.oracle_pixels} random pixels: "
             f"max |Δ| = {_sig(comparison.oracle_max_abs_diff)}"
             + ("" if comparison.exact else " (model not exact: padding)")
+            + (
+                f"\nconversion self-check: {comparison.verified.summary()}"
+                if comparison.verified is not None
+                else ""
+            )
         )
+        self._exactness.native.setWordWrap(True)
         self._bars.value = _bar_chart(comparison)
         self._copy_button.enabled = True
         if comparison.difference is not None:

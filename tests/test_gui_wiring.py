@@ -30,7 +30,9 @@ def model_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = fdfe15(num_classes=3).eval()
     path = tmp_path_factory.mktemp("model") / "fdfe.pt2"
-    metadata = ModelMetadata(patch_size=(15, 15), in_channels=1, class_names=CLASSES, name="fdfe")
+    metadata = ModelMetadata(
+        patch_size=(15, 15), in_channels=1, class_names=CLASSES, name="fdfe", activation="softmax"
+    )
     save_classifier(model, path, metadata=metadata)
     return path
 
@@ -106,3 +108,104 @@ def test_writer_keeps_a_plain_layers_space(tmp_path) -> None:
         scale=(2.0, 3.0), translation=(-1.0, 5.0), units=("nanometer", "nanometer")
     )
     assert store.level_space(0).napari_kwargs()["units"] == ("nanometer", "nanometer")
+
+
+# -- certification and the Compare panel ---------------------------------------------------------
+
+
+def test_model_info_shows_the_conversions_self_check(make_napari_viewer, model_file) -> None:
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 40), np.float32), name="grey")
+    widget = DenseInferenceWidget(viewer)
+    widget.load_model(model_file)
+    verified = widget.plan().verified
+    assert verified is not None and verified.passed and verified.positions > 0
+    info = widget._model_info.native
+    assert (
+        f"checked: max |Δ| {verified.max_abs_diff:.1g} at {verified.positions} positions"
+        in info.text()
+    )
+    assert verified.summary() in info.toolTip()
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    exp = np.exp(scores - scores.max(0))
+    return exp / exp.sum(0)
+
+
+def test_compare_modes_differences_are_in_probabilities_with_the_activation() -> None:
+    from napari_dense.compare import compare_modes
+    from napari_dense.predict import predict
+
+    torch.manual_seed(0)
+    model = fdfe15(num_classes=3).eval()
+    image = np.random.default_rng(2).random((32, 40), np.float32)
+    kwargs = {"modes": ("simple",), "device": "cpu", "oracle_pixels": 20}
+    scores = compare_modes(image, model, 15, **kwargs)
+    probabilities = compare_modes(image, model, 15, activation="softmax", **kwargs)
+    simple = predict(image, model, 15, mode="simple", device="cpu")
+    advanced = predict(image, model, 15, device="cpu")
+    expected_scores = np.abs(simple - advanced).max()
+    expected_p = np.abs(_softmax(simple) - _softmax(advanced)).max()
+    assert scores.activation is None and scores.delta_unit == "scores"
+    assert probabilities.activation == "softmax" and probabilities.delta_unit == "probabilities"
+    np.testing.assert_allclose(scores.results[0].max_abs_diff, expected_scores, rtol=1e-5)
+    np.testing.assert_allclose(probabilities.results[0].max_abs_diff, expected_p, rtol=1e-5)
+    assert expected_p != pytest.approx(expected_scores, rel=1e-3)  # the two really differ
+    assert "(probabilities)" in probabilities.to_markdown()
+    assert "(scores)" in scores.to_markdown()
+    assert probabilities.verified is not None
+    assert probabilities.verified.summary() in probabilities.to_markdown()
+
+
+def test_compare_modes_refuses_an_unknown_activation_before_running() -> None:
+    from napari_dense.compare import compare_modes
+    from napari_dense.errors import InputError
+
+    with pytest.raises(InputError, match="activation must be 'softmax', 'sigmoid' or None"):
+        compare_modes(np.zeros((20, 20), np.float32), torch.nn.Identity(), 15, activation="relu")
+
+
+def test_heap_peak_counts_numpy_and_torch_allocations_freed_inside() -> None:
+    import time
+
+    from napari_dense.compare import HeapPeak
+
+    with HeapPeak() as heap:
+        kept = torch.ones(4 * 2**20 // 4)  # 4 MiB from torch's CPU allocator, alive at exit
+    assert heap.bytes >= 4 * 2**20
+    del kept
+    with HeapPeak() as heap:
+        block = torch.ones(4 * 2**20 // 4)  # freed inside, after living past a few samples
+        time.sleep(0.02)
+        del block
+    assert heap.bytes >= 4 * 2**20
+    with HeapPeak() as heap:
+        array = np.ones(2**20 // 8)  # 1 MiB from numpy, freed at once: tracemalloc's peak
+        del array
+    assert heap.bytes >= 2**20
+
+
+def test_compare_panel_shows_probabilities_memory_and_the_certificate(
+    qtbot, make_napari_viewer, model_file
+) -> None:
+    from napari_dense._compare_widget import CompareModesWidget
+    from napari_dense.compare import HOST_MEMORY
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(3).random((48, 48), np.float32), name="grey")
+    dense = DenseInferenceWidget(viewer)
+    dense.load_model(model_file)
+    viewer.window.add_dock_widget(dense)  # the panel finds the Dense inference widget
+    panel = CompareModesWidget(viewer)
+    panel._region.value = "whole image"
+    assert panel.run() is not None
+    qtbot.waitUntil(lambda: panel.comparison is not None, timeout=120_000)
+    comparison = panel.comparison
+    assert comparison.activation == "softmax"  # the model file's
+    columns = panel._table.value["columns"]
+    assert HOST_MEMORY in columns and "max |Δ| (p)" in columns and "mean |Δ| (p)" in columns
+    assert all(r.peak_host_bytes > 0 for r in comparison.results)
+    assert all(0 <= r.max_abs_diff <= 1 for r in comparison.results)
+    assert comparison.verified is not None
+    assert comparison.verified.summary() in panel._exactness.value
