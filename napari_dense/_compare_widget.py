@@ -174,6 +174,7 @@ class CompareModesWidget(Container):
                 visible=False,
                 metadata={"napari_dense": {"difference": "simple - advanced"}},
                 scale=layer.scale[-2:],
+                units=tuple(layer.units)[-2:],
                 translate=np.asarray(layer.translate[-2:])
                 + np.asarray(offset) * np.asarray(layer.scale[-2:]),
             )

@@ -193,7 +193,8 @@ def test_compare_panel_shows_probabilities_memory_and_the_certificate(
     from napari_dense.compare import HOST_MEMORY
 
     viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(3).random((48, 48), np.float32), name="grey")
+    image = np.random.default_rng(3).random((48, 48), np.float32)
+    viewer.add_image(image, name="grey", scale=(0.5, 0.5), translate=(3, 4), units="µm")
     dense = DenseInferenceWidget(viewer)
     dense.load_model(model_file)
     viewer.window.add_dock_widget(dense)  # the panel finds the Dense inference widget
@@ -209,3 +210,5 @@ def test_compare_panel_shows_probabilities_memory_and_the_certificate(
     assert all(0 <= r.max_abs_diff <= 1 for r in comparison.results)
     assert comparison.verified is not None
     assert comparison.verified.summary() in panel._exactness.value
+    difference = viewer.layers["|simple − advanced| (napari-dense)"]
+    assert _layer_space(difference) == ((0.5, 0.5), (3.0, 4.0), MICRONS)
