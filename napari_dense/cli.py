@@ -180,9 +180,16 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         channel_axis=0,
         device=args.device,
         normalisation=metadata.normalisation if metadata is not None else None,
+        # |Δ| in probabilities, as the overlay shows them; built-in nets have no activation.
+        activation=_activation_of(metadata),
         non_finite=args.non_finite,
     )
     print(comparison.to_markdown())
+
+
+def _activation_of(metadata: Any) -> str | None:
+    activation = getattr(metadata, "activation", None)
+    return None if activation in (None, "none") else str(activation)
 
 
 def _cmd_frontier(args: argparse.Namespace) -> None:
