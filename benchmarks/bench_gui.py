@@ -6,8 +6,10 @@ records the gaps of the event loop from pressing Run until the run, cancelled af
 ``--seconds`` (25), has finished; printed are the max, p50 and p99 gap, the time from Run to
 the first painted tile, RSS before Run and the peak during the run, and cancel-to-finished.
 Then click-to-done on the 512² IHC image next to headless :func:`napari_dense.predict_to_zarr`.
+The GUI's tile size is automatic: 512 px (sized for latency, ``estimate.GUI_TILE``).
 
     python benchmarks/bench_gui.py [--seconds 25] [--samples ihc_mosaic ihc_virtual_slide]
+    python benchmarks/bench_gui.py --samples      # click-to-done only, in its own process
 
 Takes a few minutes. Not a test: nothing is asserted.
 """
