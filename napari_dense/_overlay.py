@@ -73,15 +73,26 @@ class ChunkCache:
             self._drop((level, leading, row, col))
             self._written.add((level, leading, row, col))
 
-    def region(self, level: int, leading: tuple[int, ...], ys: slice, xs: slice) -> np.ndarray:
-        """``(K, rows, cols)`` of ``level`` at ``leading`` (``ys``/``xs``: step 1, clipped)."""
+    def region(
+        self,
+        level: int,
+        leading: tuple[int, ...],
+        ys: slice,
+        xs: slice,
+        index: int | None = None,
+    ) -> np.ndarray:
+        """``(K, rows, cols)`` of ``level`` at ``leading`` (``ys``/``xs``: step 1, clipped);
+        ``(1, rows, cols)`` of class ``index`` only when given (one layer's slice copies one
+        class, not all)."""
         array = self.levels[level]
         height, width = (int(size) for size in array.shape[-2:])
         tile_y, tile_x = (int(size) for size in array.chunks[-2:])
         y0, y1, _ = ys.indices(height)
         x0, x1, _ = xs.indices(width)
         y1, x1 = max(y1, y0), max(x1, x0)
-        out = np.zeros((self.store.num_classes, y1 - y0, x1 - x0), dtype=array.dtype)
+        classes = slice(None) if index is None else slice(index, index + 1)
+        count = self.store.num_classes if index is None else 1
+        out = np.zeros((count, y1 - y0, x1 - x0), dtype=array.dtype)
         rows, cols = range(y0 // tile_y, -(-y1 // tile_y)), range(x0 // tile_x, -(-x1 // tile_x))
         written = [
             (row, col)
@@ -98,7 +109,7 @@ class ChunkCache:
             a0, a1 = max(y0, cy0), min(y1, cy0 + chunk.shape[-2])
             b0, b1 = max(x0, cx0), min(x1, cx0 + chunk.shape[-1])
             out[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = chunk[
-                :, a0 - cy0 : a1 - cy0, b0 - cx0 : b1 - cx0
+                classes, a0 - cy0 : a1 - cy0, b0 - cx0 : b1 - cx0
             ]
         return out
 
@@ -186,8 +197,8 @@ class StoreClassView:
         plane_x = _as_slice(xs)
         if all(isinstance(index, int | np.integer) for index in leading):
             plane = self._cache.region(
-                self._level, tuple(int(i) for i in leading), plane_y[0], plane_x[0]
-            )[self._index]
+                self._level, tuple(int(i) for i in leading), plane_y[0], plane_x[0], self._index
+            )[0]
             return plane[plane_y[1], plane_x[1]]
         # Several planes at once (3-D rendering): read them directly.
         array = self._cache.levels[self._level]

@@ -139,3 +139,21 @@ def test_chunk_cache_reads_nothing_where_no_tile_landed(tmp_path) -> None:
     assert (again.region(0, (), slice(16, 32), slice(0, 16)) == 0.25).all()
     reads = again.reads
     assert not again.region(0, (), slice(32, 64), slice(32, 64)).any() and again.reads == reads
+
+
+def test_chunk_cache_region_of_one_class_equals_that_class_of_all(tmp_path) -> None:
+    from napari_dense._overlay import ChunkCache
+    from napari_dense.store import ProbabilityStore
+
+    store = ProbabilityStore.create(
+        tmp_path / "map.zarr", shape=(3, 40, 40), axes="cyx", chunks=16,
+        class_names=["a", "b", "c"],
+    )  # fmt: skip
+    tile = np.random.default_rng(1).random((3, 16, 16), dtype=np.float32)
+    store.write_tile((), (0, 16, 16, 32), tile)
+    cache = ChunkCache(store)
+    every = cache.region(0, (), slice(5, 30), slice(3, 40))
+    for k in range(3):
+        one = cache.region(0, (), slice(5, 30), slice(3, 40), k)
+        assert one.shape == (1, 25, 37) and np.array_equal(one[0], every[k])
+    assert np.array_equal(every[:, 0:11, 13:29], tile[:, 5:16, :])
