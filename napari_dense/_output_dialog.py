@@ -19,9 +19,18 @@ _SESSION: list[Path] = []
 
 
 def session_cache() -> Path:
-    """This session's cache folder (created once, removed at exit)."""
+    """This session's cache folder (created once, removed at exit).
+
+    A folder of its own inside the plugin setting *cache folder* when set, else in the system's
+    temporary folder; only that folder, which this session made, is removed.
+    """
     if not _SESSION or not _SESSION[0].is_dir():
-        folder = Path(tempfile.mkdtemp(prefix="napari-dense-session-"))
+        from ._settings import run_settings
+
+        parent = run_settings().cache_folder or None
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="napari-dense-session-", dir=parent))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _SESSION[:] = [folder]
     return _SESSION[0]

@@ -33,6 +33,7 @@ from napari.utils.notifications import show_error
 from . import _output_dialog, model_files
 from ._layers import image_data, input_layers, plane_shape
 from ._run_panel import RunPanel
+from ._settings import run_settings
 from .convert import densify, explain
 from .errors import NapariDenseError
 from .estimate import cached_probe, estimate_run, gui_tile_size, known_probe, probe_rate
@@ -110,9 +111,23 @@ class DenseInferenceWidget(RunPanel, Container):
         self._layer_switches: dict[str, ComboBox] = {}
         self._ties: dict[str, tuple[str, ...]] = {}
         self._estimate = wrapping(Label(label="estimate", value=""))
-        self._device = ComboBox(label="device", choices=device_choices(), value="auto")
-        self._precision = ComboBox(label="precision", choices=["float32", "bfloat16", "float16"])
-        self._tile = SpinBox(label="tile (0 = auto)", value=0, min=0, max=16384, step=64)
+        defaults = run_settings()  # napari › Preferences › Plugins › napari-dense
+        devices = device_choices()
+        self._device = ComboBox(
+            label="device",
+            choices=devices,
+            value=defaults.device if defaults.device in devices else "auto",
+        )
+        precisions = ["auto", "float32", "bfloat16", "float16"]
+        self._precision = ComboBox(
+            label="precision",
+            choices=precisions,
+            value=defaults.precision if defaults.precision in precisions else "auto",
+        )
+        self._precision.tooltip = "auto: bfloat16 on CUDA GPUs that support it, else float32"
+        self._tile = SpinBox(
+            label="tile (0 = auto)", value=max(defaults.tile, 0), min=0, max=16384, step=64
+        )
         self._class = ComboBox(label="show class", choices=self._class_choices, value="all")
         self._normalisation = LineEdit(label="normalisation", value="")
         self._output = FileEdit(label="output (.zarr)", mode="w", filter="*.zarr", value="")
