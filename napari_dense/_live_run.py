@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +105,7 @@ class Prepared:
 def live_run(
     prepare: Callable[[], tuple[TiledPredictor, ProbabilityStore]],
     follower: ViewFollower,
-) -> Iterator[Prepared | TileResult]:
+) -> Generator[Prepared | TileResult, None, None]:
     """Prepare a run, then compute, write and yield its remaining tiles nearest the view first;
     finalize the store when every tile is done (a cancelled run leaves it resumable, unlocked).
 

@@ -48,7 +48,7 @@ def ask_existing_output(path: Path, parent: object = None) -> str:
     ``"cancel"`` (tests replace this function)."""
     from qtpy.QtWidgets import QMessageBox
 
-    box = QMessageBox(parent)  # type: ignore[arg-type]
+    box = QMessageBox(parent)  # type: ignore[call-overload]
     box.setIcon(QMessageBox.Icon.Question)
     box.setWindowTitle("napari-dense: the output exists")
     box.setText(f"{path.name} already exists in {path.parent}.")

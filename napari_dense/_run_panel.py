@@ -66,7 +66,7 @@ class RunPanel:
         self._viewer.scene.camera.events.center.connect(self._follow_view)
         self._closed = False
         # Qt deletes a widget's children before it announces its own end: listen to a child too.
-        for native in (self.native, self._status.native):
+        for native in (self.native, self._status.native):  # type: ignore[attr-defined]
             native.destroyed.connect(functools.partial(_cancel_on_close, self._on_closed))
 
     @property

@@ -431,7 +431,7 @@ class DenseInferenceWidget(RunPanel, Container):
 
             worker = create_worker(measure, _ignore_errors=True)
             worker.finished.connect(lambda: self._probing.discard(key))
-            worker.returned.connect(lambda _: self._gone() or self._update_estimate())
+            worker.returned.connect(lambda _: None if self._gone() else self._update_estimate())
             worker.start()
         return rate
 

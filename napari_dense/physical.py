@@ -117,8 +117,9 @@ def from_ome_zarr(group: Any, level: int) -> tuple[PhysicalSpace, list[str], str
     """
     import ome_zarr_models
 
-    image = ome_zarr_models.open_ome_zarr(group)
-    attributes = image.ome_attributes if hasattr(image, "ome_attributes") else image.attributes
+    image: Any = ome_zarr_models.open_ome_zarr(group)
+    # NGFF 0.5 groups keep them under "ome"; 0.4 groups at the top.
+    attributes: Any = getattr(image, "ome_attributes", None) or image.attributes
     multiscale = attributes.multiscales[0]
     datasets = multiscale.datasets
     if not 0 <= level < len(datasets):
