@@ -37,11 +37,11 @@ import torch
 import zarr
 
 from napari_dense import densify
-from napari_dense._memory import current_rss, peak_rss, reset_peak_rss
-from napari_dense.device import cuda_settings
-from napari_dense.engine import iter_predict, make_predictor
-from napari_dense.models import BENCHMARK_NETS
-from napari_dense.to_zarr import predict_to_zarr
+from napari_dense.evaluate.models import BENCHMARK_NETS
+from napari_dense.run._memory import current_rss, peak_rss, reset_peak_rss
+from napari_dense.run.device import cuda_settings
+from napari_dense.run.engine import iter_predict, make_predictor
+from napari_dense.run.to_zarr import predict_to_zarr
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -32,7 +32,7 @@ from skimage import data
 import napari_dense as nd
 from napari_dense.demo.run import find_demo_model
 from napari_dense.demo.train import normalisation_of
-from napari_dense.models import BENCHMARK_NETS
+from napari_dense.evaluate.models import BENCHMARK_NETS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"

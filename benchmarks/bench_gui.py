@@ -76,7 +76,7 @@ class GapRecorder:
     def __init__(self) -> None:
         from qtpy.QtCore import QTimer
 
-        from napari_dense._memory import current_rss
+        from napari_dense.run._memory import current_rss
 
         self._rss = current_rss
         self.ticks: list[float] = []
@@ -100,8 +100,8 @@ class GapRecorder:
 
 
 def _large(app: Any, viewer: Any, widget: Any, key: str, seconds: float) -> dict[str, Any]:
-    from napari_dense import _overlay
-    from napari_dense._memory import current_rss, peak_rss, reset_peak_rss
+    from napari_dense._napari import overlay as _overlay
+    from napari_dense.run._memory import current_rss, peak_rss, reset_peak_rss
 
     print(f"[bench_gui] {key}: opening", flush=True)
     for layer in list(viewer.layers):
@@ -157,7 +157,7 @@ def _small(app: Any, viewer: Any, widget: Any, model: Path) -> dict[str, float]:
     from skimage import data
 
     import napari_dense as nd
-    from napari_dense import _output_dialog
+    from napari_dense._napari import output_dialog as _output_dialog
 
     for layer in list(viewer.layers):
         viewer.layers.remove(layer)
@@ -205,8 +205,9 @@ def main() -> None:
         import torch
         from qtpy.QtWidgets import QApplication
 
-        from napari_dense import _output_dialog, _run_panel
-        from napari_dense._widget import dense_widget_of
+        from napari_dense._napari import output_dialog as _output_dialog
+        from napari_dense._napari import run_panel as _run_panel
+        from napari_dense._napari.widget import dense_widget_of
 
         # napari's activity-dock progress bar crashes vispy under Xvfb's software GL (seen
         # here, not on a desktop): the widget's own progress bar and status line remain.

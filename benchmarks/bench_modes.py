@@ -1,7 +1,7 @@
 """Benchmark: four ways to get a per-pixel map from a patch classifier.
 
-For each benchmark network (``napari_dense.models.BENCHMARK_NETS``, random weights) and each
-square random float32 image, measures:
+For each benchmark network (``napari_dense.evaluate.models.BENCHMARK_NETS``, random weights)
+and each square random float32 image, measures:
 
 - **naive**: ``reference.patchwise``, the classifier on every patch (batched);
 - **simple**: ``predict`` with ``densify(sampling="none")``: fully convolutional, interpolated
@@ -56,14 +56,14 @@ import numpy as np
 import torch
 
 from napari_dense import DensePlan, densify, explain, predict
-from napari_dense._image import as_batch, pad_border
-from napari_dense.baselines import shift_and_stitch
-from napari_dense.device import DEFAULT_COMPILE_MODE, cuda_settings
-from napari_dense.engine import make_predictor
-from napari_dense.geometry import border_padding
-from napari_dense.models import BENCHMARK_NETS
-from napari_dense.reference import patchwise
-from napari_dense.upsample import upsample_lattice
+from napari_dense.convert.geometry import border_padding
+from napari_dense.convert.upsample import upsample_lattice
+from napari_dense.evaluate.baselines import shift_and_stitch
+from napari_dense.evaluate.models import BENCHMARK_NETS
+from napari_dense.evaluate.reference import patchwise
+from napari_dense.io.image import as_batch, pad_border
+from napari_dense.run.device import DEFAULT_COMPILE_MODE, cuda_settings
+from napari_dense.run.engine import make_predictor
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SIZES = [256, 512, 1024, 2048, 4096]

@@ -7,21 +7,26 @@
 
 from __future__ import annotations
 
-from .convert import densify, explain
-from .dense import DenseClassifier
-from .engine import iter_predict
-from .errors import (
+from napari_dense.convert import densify, explain
+from napari_dense.convert.dense import DenseClassifier
+from napari_dense.convert.plan import DensePlan, StridingLayer
+from napari_dense.errors import (
     ConversionError,
     InputError,
     NapariDenseError,
     PatchSizeError,
     UnsupportedLayerError,
 )
-from .frontier import Frontier, FrontierRow, frontier, iter_frontier
-from .model_files import LoadedClassifier, ModelMetadata, load_classifier, save_classifier
-from .plan import DensePlan, StridingLayer
-from .predict import predict
-from .to_zarr import predict_to_zarr
+from napari_dense.evaluate.frontier import Frontier, FrontierRow, frontier, iter_frontier
+from napari_dense.model_files import (
+    LoadedClassifier,
+    ModelMetadata,
+    load_classifier,
+    save_classifier,
+)
+from napari_dense.run.engine import iter_predict
+from napari_dense.run.predict import predict
+from napari_dense.run.to_zarr import predict_to_zarr
 
 __version__ = "0.1.0"
 

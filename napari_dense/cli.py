@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import NapariDenseError
+from napari_dense.errors import NapariDenseError
 
 __all__ = ["build_parser", "main"]
 
 
 def _builtin_net(name: str) -> tuple[torch.nn.Module, int, int] | None:
-    from .models import BENCHMARK_NETS
+    from napari_dense.evaluate.models import BENCHMARK_NETS
 
     if name not in BENCHMARK_NETS:
         return None
@@ -44,7 +44,7 @@ def _load_model(name: str, trust_code: bool = False) -> tuple[Any, Any, int]:
     builtin = _builtin_net(name)
     if builtin is not None:
         return builtin
-    from .demo.run import DEMO_MODELS, find_demo_model
+    from napari_dense.demo.run import DEMO_MODELS, find_demo_model
 
     if name in DEMO_MODELS and not Path(name).exists():
         name = str(find_demo_model(f"{name}.pt2"))  # the trained demo models, package data
@@ -53,7 +53,7 @@ def _load_model(name: str, trust_code: bool = False) -> tuple[Any, Any, int]:
             f"model file not found: {name}; give a .pt2 / .yaml model file, a demo model "
             f"({', '.join(DEMO_MODELS)}) or a built-in network (15x15, 32x32, 64x64)"
         )
-    from .model_files import load_classifier
+    from napari_dense.model_files import load_classifier
 
     loaded = load_classifier(name, trust_code=trust_code)
     return loaded, loaded.metadata.patch_size, int(loaded.metadata.in_channels or 0)
@@ -69,7 +69,7 @@ def _parse_sampling(text: str) -> str | dict[str, str]:
 
 
 def _plan_of(model: Any, patch: Any, sampling: Any) -> Any:
-    from .convert import explain
+    from napari_dense.convert import explain
 
     module = getattr(model, "module", model)
     return explain(module, patch, sampling=sampling)
@@ -84,10 +84,10 @@ def _cmd_explain(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .to_zarr import predict_to_zarr
+    from napari_dense.run.to_zarr import predict_to_zarr
 
     if args.scheduler:
-        from .distributed import check_scheduler
+        from napari_dense.run.distributed import check_scheduler
 
         check_scheduler(args.scheduler)  # before a store is created or a cluster started
     model, patch, _ = _load_model(args.model, args.trust_code)
@@ -141,7 +141,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _read_region(image: str, channels: int, region: str | None, channel_axis: int | None) -> Any:
-    from .sources import open_image
+    from napari_dense.io.sources import open_image
 
     source = open_image(image, channels=channels, channel_axis=channel_axis)
     if source.leading_shape:
@@ -167,7 +167,7 @@ def _read_region(image: str, channels: int, region: str | None, channel_axis: in
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import compare_modes
+    from napari_dense.evaluate.compare import compare_modes
 
     model, patch, channels = _load_model(args.model, args.trust_code)
     image = _read_region(args.image, channels, args.region, args.channel_axis)
@@ -195,7 +195,7 @@ def _activation_of(metadata: Any) -> str | None:
 def _cmd_frontier(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .frontier import frontier, frontier_size
+    from napari_dense.evaluate.frontier import frontier, frontier_size
 
     if not args.budget >= 0:
         raise NapariDenseError(f"--budget must be a number >= 0, got {args.budget}")
@@ -252,7 +252,7 @@ def _cmd_frontier(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo.run import has_display, run_gui, run_headless
+    from napari_dense.demo.run import has_display, run_gui, run_headless
 
     if not args.headless and has_display():
         import napari
@@ -265,7 +265,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (documented in README; built in :mod:`napari_dense.cli_parser`)."""
-    from .cli_parser import build_parser as build
+    from napari_dense.cli_parser import build_parser as build
 
     return build(
         {

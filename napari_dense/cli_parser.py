@@ -41,7 +41,7 @@ def _version() -> str:
     try:
         return version("napari-dense")
     except PackageNotFoundError:  # pragma: no cover - run from a source tree not installed
-        from . import __version__
+        from napari_dense import __version__
 
         return __version__
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_dense.models import fdfe15, patchnet32, vgg64
+from napari_dense.evaluate.models import fdfe15, patchnet32, vgg64
 
 
 class FunctionalNet(nn.Module):

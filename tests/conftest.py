@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_dense.reference import patchwise
+from napari_dense.evaluate.reference import patchwise
 
 ATOL = 1e-4  # float32, as the issue asks
 

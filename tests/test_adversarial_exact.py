@@ -1,7 +1,7 @@
 """Adversarial suite, exact outcomes: each dense network equals the oracle within 1e-4.
 
 Every case is converted with the self-check on (``plan.verified`` must pass) and then compared
-with :func:`napari_dense.reference.patchwise` on a random image of its own (batch of two).
+with :func:`napari_dense.evaluate.reference.patchwise` on a random image of its own (batch of two).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from test_adversarial_zoo import (
 from torch import nn
 
 import napari_dense as nd
-from napari_dense.geometry import pair
-from napari_dense.models import fdfe15, patchnet32
+from napari_dense.convert.geometry import pair
+from napari_dense.evaluate.models import fdfe15, patchnet32
 
 CASES: dict[str, tuple[Callable[[], nn.Module], Any, int]] = {
     "fdfe15": (lambda: fdfe15(num_classes=5), 15, 1),

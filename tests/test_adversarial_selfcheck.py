@@ -11,9 +11,8 @@ from conftest import ATOL, oracle_valid
 from torch import nn
 
 import napari_dense as nd
-from napari_dense import _ops
-from napari_dense.convert import ConversionError
-from napari_dense.models import fdfe15
+from napari_dense.convert import ConversionError, _ops
+from napari_dense.evaluate.models import fdfe15
 
 
 def _net() -> nn.Sequential:

@@ -9,11 +9,11 @@ from conftest import ATOL, computed_mask, oracle_valid
 from torch import nn
 
 import napari_dense as nd
+from napari_dense.convert.geometry import checkered_phases
+from napari_dense.convert.upsample import fill_pattern, upsample_lattice
 from napari_dense.errors import InputError
-from napari_dense.geometry import checkered_phases
-from napari_dense.models import fdfe15, patchnet32
-from napari_dense.reference import patchwise
-from napari_dense.upsample import fill_pattern, upsample_lattice
+from napari_dense.evaluate.models import fdfe15, patchnet32
+from napari_dense.evaluate.reference import patchwise
 
 
 def test_checkered_phases_are_a_checkerboard_of_the_phase_grid() -> None:

@@ -9,7 +9,7 @@ from architectures import ARCHITECTURES, ConcatNet
 from conftest import ATOL, oracle_valid, randomize_batchnorm
 
 import napari_dense as nd
-from napari_dense.reference import patchwise
+from napari_dense.evaluate.reference import patchwise
 
 
 def _model(name: str) -> tuple[torch.nn.Module, tuple[int, int], int, tuple[int, int]]:
@@ -174,7 +174,7 @@ def test_dense_classifier_is_a_module_that_moves_and_prints() -> None:
 
 @pytest.mark.parametrize("name", ["fdfe15", "residual_add", "avg_drops_rows"])
 def test_shift_and_stitch_baseline_equals_oracle(name: str) -> None:
-    from napari_dense.baselines import shift_and_stitch
+    from napari_dense.evaluate.baselines import shift_and_stitch
 
     model, patch, channels, _ = _model(name)
     image = np.random.rand(channels, 19, 22).astype(np.float32)

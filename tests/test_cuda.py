@@ -18,10 +18,10 @@ import torch
 import zarr
 
 import napari_dense as nd
-from napari_dense.engine import iter_predict, make_predictor
-from napari_dense.models import BENCHMARK_NETS
-from napari_dense.reference import patchwise
-from napari_dense.to_zarr import predict_to_zarr
+from napari_dense.evaluate.models import BENCHMARK_NETS
+from napari_dense.evaluate.reference import patchwise
+from napari_dense.run.engine import iter_predict, make_predictor
+from napari_dense.run.to_zarr import predict_to_zarr
 
 pytestmark = [
     pytest.mark.cuda,
@@ -158,7 +158,7 @@ def test_a_real_out_of_memory_splits_the_tile_with_the_same_result(caplog) -> No
         budget = _reserved_now() + (need_small + need // 3)
         torch.cuda.set_per_process_memory_fraction(budget / total)
         predictor = make_predictor(image, model, patch, tile=1024, **options)
-        with caplog.at_level(logging.WARNING, logger="napari_dense.engine"):
+        with caplog.at_level(logging.WARNING, logger="napari_dense.run.engine"):
             results = list(predictor.run(predictor.tasks()))
         assert predictor._split_side is not None and predictor._split_side < 1024
         assert sum("out of memory" in r.message for r in caplog.records) == 1

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import napari_dense as nd
-from napari_dense.engine import iter_predict
-from napari_dense.models import fdfe15, patchnet32
-from napari_dense.sources import open_image
+from napari_dense.evaluate.models import fdfe15, patchnet32
+from napari_dense.io.sources import open_image
+from napari_dense.run.engine import iter_predict
 
 TILED_ATOL = 1e-5
 
@@ -149,7 +149,7 @@ def test_out_of_memory_splits_tiles_once_with_same_result(grey_model, caplog) ->
         if window[0] * window[1] > 30 * 30:
             raise torch.OutOfMemoryError("simulated")
 
-    with caplog.at_level(logging.WARNING, logger="napari_dense.engine"):
+    with caplog.at_level(logging.WARNING, logger="napari_dense.run.engine"):
         results = list(
             iter_predict(image, grey_model, 15, tile=48, device="cpu", memory_check=small_gpu)
         )

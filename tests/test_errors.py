@@ -12,8 +12,8 @@ from conftest import ATOL
 from torch import nn
 
 import napari_dense as nd
-from napari_dense.models import fdfe15, patchnet32
-from napari_dense.reference import patchwise
+from napari_dense.evaluate.models import fdfe15, patchnet32
+from napari_dense.evaluate.reference import patchwise
 
 
 def test_wrong_patch_size_names_the_accepted_sizes() -> None:

@@ -13,8 +13,8 @@ from torch.export import Dim, ExportedProgram
 
 import napari_dense as nd
 from napari_dense.convert import ExportedModule, accepted_patch_sizes
-from napari_dense.models import fdfe15
-from napari_dense.reference import patchwise
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.evaluate.reference import patchwise
 
 # torch's own run_decompositions warns about its pytree internals; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")

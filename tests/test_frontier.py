@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from napari_dense import InputError, predict
-from napari_dense.frontier import (
+from napari_dense.evaluate.frontier import (
     LEVELS,
     METRICS,
     Frontier,
@@ -19,7 +19,7 @@ from napari_dense.frontier import (
     frontier_size,
     iter_frontier,
 )
-from napari_dense.models import fdfe15
+from napari_dense.evaluate.models import fdfe15
 from tests.architectures import ConcatNet
 
 LETTER = {"none": "N", "checkered": "C", "all": "A"}

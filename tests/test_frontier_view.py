@@ -17,13 +17,13 @@ pytest.importorskip("matplotlib")
 from qtpy.QtCore import QTimer
 
 import napari_dense as nd
-from napari_dense._compare_widget import CompareModesWidget
-from napari_dense._frontier_view import table_text
-from napari_dense._widget import DenseInferenceWidget, dense_widget_of
-from napari_dense.frontier import LEVELS, frontier_size
-from napari_dense.frontier import frontier as frontier_of
+from napari_dense._napari.compare_widget import CompareModesWidget
+from napari_dense._napari.frontier_view import table_text
+from napari_dense._napari.widget import DenseInferenceWidget, dense_widget_of
+from napari_dense.evaluate.frontier import LEVELS, frontier_size
+from napari_dense.evaluate.frontier import frontier as frontier_of
+from napari_dense.evaluate.models import patchnet32
 from napari_dense.model_files import ModelMetadata, save_classifier
-from napari_dense.models import patchnet32
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_frontier_fills_table_budget_picks_and_use_sets_the_switches(
     assert {tuple(row.sampling[name] for name in layers) for row in frontier.rows} == expected
     table = table_text(view._table)
     assert [r[0] for r in table] == [row.label for row in frontier.rows]  # fastest first
-    # Assembled as napari_dense.frontier.frontier() assembles its rows.
+    # Assembled as napari_dense.evaluate.frontier.frontier() assembles its rows.
     image = panel._viewer.layers["cells"].data
     reference = frontier_of(model, image, 32, activation=None, repeats=1)
     assert (frontier.layers, frontier.image_shape, frontier.device, frontier.search) == (
@@ -149,8 +149,8 @@ def test_cancel_stops_after_the_current_setting_and_a_rerun_completes(qtbot, pan
 @pytest.fixture
 def messages(monkeypatch) -> list[str]:
     shown: list[str] = []
-    monkeypatch.setattr("napari_dense._frontier_view.show_error", shown.append)
-    monkeypatch.setattr("napari_dense._widget.show_error", shown.append)  # missing inputs
+    monkeypatch.setattr("napari_dense._napari.frontier_view.show_error", shown.append)
+    monkeypatch.setattr("napari_dense._napari.widget.show_error", shown.append)  # missing inputs
     return shown
 
 

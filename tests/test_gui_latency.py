@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import napari_dense as nd
-from napari_dense import estimate
 from napari_dense.errors import InputError
+from napari_dense.evaluate import estimate
+from napari_dense.evaluate.models import patchnet32
 from napari_dense.model_files import ModelMetadata, save_classifier
-from napari_dense.models import patchnet32
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _fresh_probes(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(estimate, "_probes", {})
     cache = tmp_path / "session-cache"
     cache.mkdir()
-    monkeypatch.setattr("napari_dense._output_dialog._SESSION", [cache])
+    monkeypatch.setattr("napari_dense._napari.output_dialog._SESSION", [cache])
 
 
 def test_gui_tiles_are_latency_sized_unless_the_user_sets_one() -> None:
@@ -69,7 +69,7 @@ def test_probe_rate_counts_the_window_and_the_estimate_scales_by_the_halo() -> N
 def test_widget_probes_once_for_two_estimates_and_says_so(
     qtbot, make_napari_viewer, model_file, monkeypatch
 ) -> None:
-    from napari_dense import _widget
+    from napari_dense._napari import widget as _widget
 
     calls: list[str] = []
 
@@ -94,8 +94,8 @@ def test_widget_probes_once_for_two_estimates_and_says_so(
 
 
 def test_a_gui_run_uses_latency_sized_tiles(qtbot, make_napari_viewer, model_file, monkeypatch):
-    from napari_dense import _run_panel
-    from napari_dense._widget import DenseInferenceWidget
+    from napari_dense._napari import run_panel as _run_panel
+    from napari_dense._napari.widget import DenseInferenceWidget
 
     seen: dict[str, object] = {}
 
@@ -118,8 +118,8 @@ def test_a_gui_run_uses_latency_sized_tiles(qtbot, make_napari_viewer, model_fil
 
 
 def test_chunk_cache_reads_nothing_where_no_tile_landed(tmp_path) -> None:
-    from napari_dense._overlay import ChunkCache
-    from napari_dense.store import ProbabilityStore
+    from napari_dense._napari.overlay import ChunkCache
+    from napari_dense.io.store import ProbabilityStore
 
     store = ProbabilityStore.create(
         tmp_path / "map.zarr", shape=(2, 64, 64), axes="cyx", chunks=16, class_names=["a", "b"],
@@ -142,8 +142,8 @@ def test_chunk_cache_reads_nothing_where_no_tile_landed(tmp_path) -> None:
 
 
 def test_chunk_cache_region_of_one_class_equals_that_class_of_all(tmp_path) -> None:
-    from napari_dense._overlay import ChunkCache
-    from napari_dense.store import ProbabilityStore
+    from napari_dense._napari.overlay import ChunkCache
+    from napari_dense.io.store import ProbabilityStore
 
     store = ProbabilityStore.create(
         tmp_path / "map.zarr", shape=(3, 40, 40), axes="cyx", chunks=16,

@@ -15,13 +15,13 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 import napari_dense as nd
-from napari_dense._live_run import NearestFirst, ViewFollower
-from napari_dense._widget import DOCK_WIDTH, DenseInferenceWidget
-from napari_dense.engine import TileResult
+from napari_dense._napari.live_run import NearestFirst, ViewFollower
+from napari_dense._napari.widget import DOCK_WIDTH, DenseInferenceWidget
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.io.store import ProbabilityStore
 from napari_dense.model_files import ModelMetadata, save_classifier
-from napari_dense.models import fdfe15
-from napari_dense.store import ProbabilityStore
-from napari_dense.tiling import plan_tiles
+from napari_dense.run.engine import TileResult
+from napari_dense.run.tiling import plan_tiles
 
 CLASSES = ["nucleus", "stain", "background"]
 
@@ -41,7 +41,7 @@ def answers(tmp_path, monkeypatch) -> dict[str, list]:
     """A fresh session cache; every dialog answers from these lists (and records its question)."""
     cache = tmp_path / "session-cache"
     cache.mkdir()
-    monkeypatch.setattr("napari_dense._output_dialog._SESSION", [cache])
+    monkeypatch.setattr("napari_dense._napari.output_dialog._SESSION", [cache])
     recorded: dict[str, list] = {"asked": [], "existing": [], "choose": [], "code": []}
 
     def answer(kind: str, question: Path) -> object:
@@ -51,15 +51,15 @@ def answers(tmp_path, monkeypatch) -> dict[str, list]:
         return recorded[kind].pop(0)
 
     monkeypatch.setattr(
-        "napari_dense._output_dialog.ask_existing_output",
+        "napari_dense._napari.output_dialog.ask_existing_output",
         lambda path, parent=None: answer("existing", path),
     )
     monkeypatch.setattr(
-        "napari_dense._output_dialog.choose_output",
+        "napari_dense._napari.output_dialog.choose_output",
         lambda path, parent=None: answer("choose", path),
     )
     monkeypatch.setattr(
-        "napari_dense._output_dialog.confirm_code_execution",
+        "napari_dense._napari.output_dialog.confirm_code_execution",
         lambda path, parent=None: answer("code", path),
     )
     return recorded
@@ -119,7 +119,7 @@ def test_removing_the_input_layer_cancels_the_run_with_a_message(
     widget = _widget(viewer, model_file, np.random.default_rng(2).random((256, 256), np.float32))
     widget._tile.value = 16  # 256 tiles
     warned: list[str] = []
-    monkeypatch.setattr("napari_dense._run_panel.show_warning", warned.append)
+    monkeypatch.setattr("napari_dense._napari.run_panel.show_warning", warned.append)
     worker = widget.run()
     removed: list[bool] = []
 

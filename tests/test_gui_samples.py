@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_dense._sample_data import MOSAIC_SIZE, SAMPLE_KEYS, SLIDE_SIZE
-from napari_dense.virtual_slide import VirtualSlide
+from napari_dense._napari.sample_data import MOSAIC_SIZE, SAMPLE_KEYS, SLIDE_SIZE
+from napari_dense.io.virtual_slide import VirtualSlide
 
 
 @pytest.mark.parametrize("key", SAMPLE_KEYS)

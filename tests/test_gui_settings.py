@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from napari_dense import _output_dialog, _settings
-from napari_dense._settings import RunSettings, run_settings
+from napari_dense._napari import output_dialog as _output_dialog
+from napari_dense._napari import settings as _settings
+from napari_dense._napari.settings import RunSettings, run_settings
 
 
 def test_declared_defaults_without_user_settings() -> None:
@@ -14,11 +15,11 @@ def test_declared_defaults_without_user_settings() -> None:
 
 
 def test_the_widget_starts_from_the_plugin_settings(make_napari_viewer, monkeypatch) -> None:
-    from napari_dense._widget import DenseInferenceWidget
+    from napari_dense._napari.widget import DenseInferenceWidget
 
     chosen = RunSettings(device="cpu", precision="bfloat16", tile=256, cache_folder="")
     monkeypatch.setattr(_settings, "run_settings", lambda: chosen)
-    monkeypatch.setattr("napari_dense._widget.run_settings", lambda: chosen)
+    monkeypatch.setattr("napari_dense._napari.widget.run_settings", lambda: chosen)
     widget = DenseInferenceWidget(make_napari_viewer())
     assert (widget._device.value, widget._precision.value, widget._tile.value) == (
         "cpu",
@@ -27,7 +28,7 @@ def test_the_widget_starts_from_the_plugin_settings(make_napari_viewer, monkeypa
     )
     # A setting the widget cannot offer (a GPU this machine lacks) falls back to auto.
     odd = RunSettings(device="cuda:7", precision="float64", tile=-3)
-    monkeypatch.setattr("napari_dense._widget.run_settings", lambda: odd)
+    monkeypatch.setattr("napari_dense._napari.widget.run_settings", lambda: odd)
     other = DenseInferenceWidget(make_napari_viewer())
     assert (other._device.value, other._precision.value, other._tile.value) == ("auto", "auto", 0)
 

@@ -14,12 +14,12 @@ import torch
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_dense._widget import DenseInferenceWidget
-from napari_dense._writer import write_probability_maps
+from napari_dense._napari.widget import DenseInferenceWidget
+from napari_dense._napari.writer import write_probability_maps
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.io.physical import PhysicalSpace
+from napari_dense.io.store import ProbabilityStore
 from napari_dense.model_files import ModelMetadata, save_classifier
-from napari_dense.models import fdfe15
-from napari_dense.physical import PhysicalSpace
-from napari_dense.store import ProbabilityStore
 
 CLASSES = ["nucleus", "stain", "background"]
 MICRONS = ("micrometer", "micrometer")
@@ -134,8 +134,8 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def test_compare_modes_differences_are_in_probabilities_with_the_activation() -> None:
-    from napari_dense.compare import compare_modes
-    from napari_dense.predict import predict
+    from napari_dense.evaluate.compare import compare_modes
+    from napari_dense.run.predict import predict
 
     torch.manual_seed(0)
     model = fdfe15(num_classes=3).eval()
@@ -159,8 +159,8 @@ def test_compare_modes_differences_are_in_probabilities_with_the_activation() ->
 
 
 def test_compare_modes_refuses_an_unknown_activation_before_running() -> None:
-    from napari_dense.compare import compare_modes
     from napari_dense.errors import InputError
+    from napari_dense.evaluate.compare import compare_modes
 
     with pytest.raises(InputError, match="activation must be 'softmax', 'sigmoid' or None"):
         compare_modes(np.zeros((20, 20), np.float32), torch.nn.Identity(), 15, activation="relu")
@@ -169,7 +169,7 @@ def test_compare_modes_refuses_an_unknown_activation_before_running() -> None:
 def test_heap_peak_counts_numpy_and_torch_allocations_freed_inside() -> None:
     import time
 
-    from napari_dense.compare import HeapPeak
+    from napari_dense.evaluate.compare import HeapPeak
 
     with HeapPeak() as heap:
         kept = torch.ones(4 * 2**20 // 4)  # 4 MiB from torch's CPU allocator, alive at exit
@@ -189,8 +189,8 @@ def test_heap_peak_counts_numpy_and_torch_allocations_freed_inside() -> None:
 def test_compare_panel_shows_probabilities_memory_and_the_certificate(
     qtbot, make_napari_viewer, model_file
 ) -> None:
-    from napari_dense._compare_widget import CompareModesWidget
-    from napari_dense.compare import HOST_MEMORY
+    from napari_dense._napari.compare_widget import CompareModesWidget
+    from napari_dense.evaluate.compare import HOST_MEMORY
 
     viewer = make_napari_viewer()
     image = np.random.default_rng(3).random((48, 48), np.float32)

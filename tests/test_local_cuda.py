@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import napari_dense as nd
-from napari_dense import distributed
-from napari_dense.models import fdfe15
-from napari_dense.to_zarr import predict_to_zarr
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.run import distributed
+from napari_dense.run.to_zarr import predict_to_zarr
 
 pytest.importorskip("distributed")
 

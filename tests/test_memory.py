@@ -12,9 +12,9 @@ import zarr
 
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from napari_dense._memory import peak_rss, reset_peak_rss
-    from napari_dense.models import fdfe15
-    from napari_dense.to_zarr import predict_to_zarr
+    from napari_dense.run._memory import peak_rss, reset_peak_rss
+    from napari_dense.evaluate.models import fdfe15
+    from napari_dense.run.to_zarr import predict_to_zarr
     torch.manual_seed(0)
     model = fdfe15(num_classes=2).eval()
     reset_peak_rss()  # a child process starts with its parent's peak

@@ -16,6 +16,8 @@ from torch.export import ExportedProgram
 
 import napari_dense as nd
 from napari_dense.convert import ExportedModule
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.evaluate.reference import patchwise
 from napari_dense.model_files import (
     LoadedClassifier,
     ModelFileError,
@@ -23,8 +25,6 @@ from napari_dense.model_files import (
     load_classifier,
     save_classifier,
 )
-from napari_dense.models import fdfe15
-from napari_dense.reference import patchwise
 
 NET_PY = textwrap.dedent(
     """

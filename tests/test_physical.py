@@ -14,8 +14,8 @@ import tifffile
 import zarr
 
 from napari_dense.errors import InputError
-from napari_dense.physical import PhysicalSpace, unit_name
-from napari_dense.sources import open_image
+from napari_dense.io.physical import PhysicalSpace, unit_name
+from napari_dense.io.sources import open_image
 
 
 def _ome_zarr(path: Path, data: list[np.ndarray], scales, translations, unit="micrometer"):

@@ -18,12 +18,12 @@ import zarr
 
 import napari_dense as nd
 from napari_dense.cli import main
-from napari_dense.compare import compare_modes
-from napari_dense.engine import MIN_TILE, iter_predict
-from napari_dense.input_checks import NonFiniteError, ValueRangeWarning, check_value_range
-from napari_dense.models import fdfe15
-from napari_dense.store import ProbabilityStore
-from napari_dense.to_zarr import predict_to_zarr
+from napari_dense.evaluate.compare import compare_modes
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.io.input_checks import NonFiniteError, ValueRangeWarning, check_value_range
+from napari_dense.io.store import ProbabilityStore
+from napari_dense.run.engine import MIN_TILE, iter_predict
+from napari_dense.run.to_zarr import predict_to_zarr
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_dense import _reader
+from napari_dense._napari import reader as _reader
 from napari_dense.cli import main
+from napari_dense.evaluate.models import fdfe15
 from napari_dense.model_files import (
     CodeExecutionRefused,
     ModelFileError,
@@ -32,7 +33,6 @@ from napari_dense.model_files import (
     load_classifier,
     save_classifier,
 )
-from napari_dense.models import fdfe15
 
 REEXPORT = "napari_dense.save_classifier(model, 'model.pt2')"
 METADATA = ModelMetadata(patch_size=(15, 15), class_names=["a", "b", "c"], activation="softmax")
@@ -282,7 +282,7 @@ def test_the_reader_and_a_drop_on_the_viewer_run_nothing(
     viewer = make_napari_viewer()
     viewer.open(str(bad), plugin="napari-dense")
     assert not marker.exists() and len(viewer.layers) == 0
-    from napari_dense._widget import dense_widget_of
+    from napari_dense._napari.widget import dense_widget_of
 
     assert dense_widget_of(viewer)._loaded is None  # the refused model was not loaded
 
@@ -423,7 +423,8 @@ def test_a_python_sidecar_dropped_on_napari_runs_nothing_unasked(
     tmp_path: Path, make_napari_viewer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The widget asks (``confirm_code_execution``, answered "no" here): no code runs."""
-    from napari_dense import _output_dialog, _widget
+    from napari_dense._napari import output_dialog as _output_dialog
+    from napari_dense._napari import widget as _widget
 
     sidecar, code, marker = _python_model(tmp_path)
     asked: list[Path] = []

@@ -19,14 +19,14 @@ import zarr
 
 import napari_dense as nd
 from napari_dense.cli import main
-from napari_dense.models import fdfe15
-from napari_dense.store import (
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.io.store import (
     OverwriteRefusedError,
     ProbabilityStore,
     StoreExistsError,
     StoreLockedError,
 )
-from napari_dense.to_zarr import iter_into_store, predict_to_zarr, prepare_run
+from napari_dense.run.to_zarr import iter_into_store, predict_to_zarr, prepare_run
 
 CHOOSE = "choose another output path"
 

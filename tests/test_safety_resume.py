@@ -18,11 +18,11 @@ import pytest
 import torch
 import zarr
 
-from napari_dense._lock import OWNER_FILE
-from napari_dense.fingerprint import FINGERPRINT_KEY, ResumeMismatchError, differences
-from napari_dense.models import fdfe15
-from napari_dense.store import MARKER_DIR, ProbabilityStore, StoreLockedError
-from napari_dense.to_zarr import iter_into_store, predict_to_zarr, prepare_run, remaining_tasks
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.io.store import MARKER_DIR, ProbabilityStore, StoreLockedError
+from napari_dense.io.store._lock import OWNER_FILE
+from napari_dense.run.fingerprint import FINGERPRINT_KEY, ResumeMismatchError, differences
+from napari_dense.run.to_zarr import iter_into_store, predict_to_zarr, prepare_run, remaining_tasks
 
 SETTINGS: dict[str, Any] = {"patch_size": 15, "tile": 16, "device": "cpu"}
 

@@ -15,8 +15,8 @@ import zarr
 from ngff_check import assert_valid_ngff, every_store_is_valid_ngff  # noqa: F401
 
 from napari_dense.errors import InputError, NapariDenseError
-from napari_dense.physical import PhysicalSpace
-from napari_dense.store import (
+from napari_dense.io.physical import PhysicalSpace
+from napari_dense.io.store import (
     MARKER_DIR,
     ProbabilityStore,
     StoreExistsError,
@@ -695,7 +695,8 @@ def test_napari_ome_zarr_reopens_the_map_as_the_live_overlay_shows_it(tmp_path) 
 
 
 def test_one_colour_table(tmp_path) -> None:
-    from napari_dense import colours, store
+    from napari_dense import colours
+    from napari_dense.io import store
 
     assert store.CHANNEL_COLOURS is colours.CLASS_COLOURS
     assert colours.class_colour(12) == colours.CLASS_COLOURS[2]

@@ -17,11 +17,11 @@ import zarr
 from ngff_check import assert_valid_ngff, every_store_is_valid_ngff  # noqa: F401
 
 import napari_dense as nd
-from napari_dense.fingerprint import ResumeMismatchError
-from napari_dense.models import fdfe15
-from napari_dense.physical import PhysicalSpace
-from napari_dense.store import ProbabilityStore, StoreExistsError, StoreLockedError
-from napari_dense.to_zarr import iter_into_store, predict_to_zarr, prepare_run, remaining_tasks
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.io.physical import PhysicalSpace
+from napari_dense.io.store import ProbabilityStore, StoreExistsError, StoreLockedError
+from napari_dense.run.fingerprint import ResumeMismatchError
+from napari_dense.run.to_zarr import iter_into_store, predict_to_zarr, prepare_run, remaining_tasks
 
 #: Every store a test here writes is validated as strict NGFF 0.5 afterwards (tests/ngff_check.py).
 pytestmark = pytest.mark.usefixtures("every_store_is_valid_ngff")
@@ -117,9 +117,9 @@ def test_the_device_returns_the_stored_dtype_with_identical_bytes(tmp_path, mode
 #: and prints "at point" so that the test can signal it there.
 CHILD = """
 import sys, time, torch
-from napari_dense.models import fdfe15
-from napari_dense.store import ProbabilityStore
-from napari_dense.to_zarr import predict_to_zarr
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.io.store import ProbabilityStore
+from napari_dense.run.to_zarr import predict_to_zarr
 weights, image, out, point = sys.argv[1:]
 model = fdfe15(num_classes=2).eval()
 model.load_state_dict(torch.load(weights))

@@ -1,4 +1,4 @@
-"""Tiles to the device and back (napari_dense._transfer), tested on CPU with a fake stream backend.
+"""Tiles to the device and back (napari_dense.run._transfer), on CPU with a fake stream backend.
 
 The CUDA backend itself runs in tests/test_cuda.py (skipped without a GPU).
 """
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import napari_dense as nd
-from napari_dense._transfer import (
+from napari_dense.evaluate.models import fdfe15
+from napari_dense.io.store import _to_stored
+from napari_dense.run._transfer import (
     StagingPool,
     TransferPipeline,
     as_tensor,
@@ -23,7 +25,7 @@ from napari_dense._transfer import (
     to_output,
     transfer_dtype,
 )
-from napari_dense.device import (
+from napari_dense.run.device import (
     clear_compiled,
     compiled_network,
     cuda_settings,
@@ -31,9 +33,7 @@ from napari_dense.device import (
     mark_warm,
     resolve_precision,
 )
-from napari_dense.engine import iter_predict, make_predictor
-from napari_dense.models import fdfe15
-from napari_dense.store import _to_stored
+from napari_dense.run.engine import iter_predict, make_predictor
 
 
 class FakeEvent:

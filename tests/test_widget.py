@@ -16,11 +16,11 @@ from architectures import ConcatNet
 from qtpy.QtCore import QTimer
 
 import napari_dense as nd
-from napari_dense._compare_widget import CompareModesWidget
-from napari_dense._widget import DenseInferenceWidget
-from napari_dense.engine import TileResult
+from napari_dense._napari.compare_widget import CompareModesWidget
+from napari_dense._napari.widget import DenseInferenceWidget
+from napari_dense.evaluate.models import patchnet32
 from napari_dense.model_files import ModelMetadata, save_classifier
-from napari_dense.models import patchnet32
+from napari_dense.run.engine import TileResult
 
 CLASSES = ["nucleus", "other"]
 
@@ -42,13 +42,13 @@ def _fresh_session_cache(tmp_path, monkeypatch) -> None:
     """Each test its own cache folder; a dialog nobody answers fails instead of hanging."""
     cache = tmp_path / "session-cache"
     cache.mkdir()
-    monkeypatch.setattr("napari_dense._output_dialog._SESSION", [cache])
+    monkeypatch.setattr("napari_dense._napari.output_dialog._SESSION", [cache])
 
     def unexpected(*_args, **_kwargs):
         raise AssertionError("a dialog was opened that the test did not expect")
 
     for name in ("ask_existing_output", "choose_output", "confirm_code_execution"):
-        monkeypatch.setattr(f"napari_dense._output_dialog.{name}", unexpected)
+        monkeypatch.setattr(f"napari_dense._napari.output_dialog.{name}", unexpected)
 
 
 @pytest.fixture
@@ -187,7 +187,7 @@ def test_cancel_keeps_finished_tiles_and_resume_finishes_them(
     # Run again: the same run's output exists, the user picks Resume.
     asked: list[Path] = []
     monkeypatch.setattr(
-        "napari_dense._output_dialog.ask_existing_output",
+        "napari_dense._napari.output_dialog.ask_existing_output",
         lambda output, parent=None: asked.append(output) or "resume",
     )
     assert widget.run() is not None
@@ -252,7 +252,7 @@ def test_compare_refuses_a_grey_layer_for_an_rgb_model_as_run_does(
     viewer.add_image(np.zeros((40, 40), np.float32), name="grey")
     dense_widget._image.value = viewer.layers["grey"]
     shown: list[str] = []
-    monkeypatch.setattr("napari_dense._widget.show_error", shown.append)
+    monkeypatch.setattr("napari_dense._napari.widget.show_error", shown.append)
     panel = CompareModesWidget(viewer)
     assert panel.run() is None and dense_widget.run() is None
     assert len(shown) == 2 and all("expects 3 channel(s)" in message for message in shown)
@@ -263,7 +263,7 @@ def test_dropping_a_model_file_loads_it(make_napari_viewer, model_and_file) -> N
     layers_before = len(viewer.layers)
     viewer.open(str(model_and_file[1]), plugin="napari-dense")
     assert len(viewer.layers) == layers_before
-    from napari_dense._widget import dense_widget_of
+    from napari_dense._napari.widget import dense_widget_of
 
     widget = dense_widget_of(viewer)
     assert widget._loaded is not None and "patch 32x32" in widget._model_info.value
@@ -287,7 +287,7 @@ def test_writer_round_trip_with_napari_ome_zarr(qtbot, dense_widget, tmp_path) -
         layer_data[0][0][0] if isinstance(layer_data[0][0], list) else layer_data[0][0]
     )
     np.testing.assert_allclose(data, _output(widget), atol=1e-6)
-    from napari_dense.store import ProbabilityStore
+    from napari_dense.io.store import ProbabilityStore
 
     store = ProbabilityStore.open(out)
     assert store.attributes["patch_size"] == [32, 32]
@@ -301,8 +301,8 @@ def test_a_torch_error_during_a_run_reaches_the_user(qtbot, dense_widget, monkey
         raise RuntimeError("CUDA out of memory (simulated)")
 
     shown: list[str] = []
-    monkeypatch.setattr("napari_dense.engine.TiledPredictor.compute", failing_compute)
-    monkeypatch.setattr("napari_dense._run_panel.show_error", shown.append)
+    monkeypatch.setattr("napari_dense.run.engine.TiledPredictor.compute", failing_compute)
+    monkeypatch.setattr("napari_dense._napari.run_panel.show_error", shown.append)
     assert dense_widget.run() is not None
     _wait(qtbot, dense_widget)
     assert any("CUDA out of memory (simulated)" in message for message in shown), shown

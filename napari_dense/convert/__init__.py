@@ -14,9 +14,9 @@
    dilate later kernels when densified, reductions (:mod:`.reduce`) are pools over the reduced
    extent, pointwise ops and joins (:mod:`.pointwise`) and per-pixel channel ops, channels-last
    ops and constant slices (:mod:`.local`) run unchanged or shifted on dense tensors; every
-   dense tensor carries a :class:`~napari_dense.geometry.Lattice` (:mod:`.state`).
-4. :mod:`.costs` turns the new graph into a :class:`~napari_dense.dense.DenseClassifier` and
-   its :class:`~napari_dense.plan.DensePlan` with the cost of every per-layer sampling.
+   dense tensor carries a :class:`~napari_dense.convert.geometry.Lattice` (:mod:`.state`).
+4. :mod:`.costs` turns the new graph into a :class:`~napari_dense.convert.dense.DenseClassifier` and
+   its :class:`~napari_dense.convert.plan.DensePlan` with the cost of every per-layer sampling.
 5. :mod:`.verify` certifies the result: the dense network and the original model are run on a
    random input covering every phase of every striding layer, and an exact claim that does
    not hold raises :class:`ConversionError`.
@@ -24,14 +24,14 @@
 
 from __future__ import annotations
 
-from ..dense import DenseClassifier
-from ..errors import UnsupportedLayerError
-from ..plan import DensePlan
-from .acquire import Classifier, ExportedModule
-from .api import densify, explain
-from .patchnet import accepted_patch_sizes
-from .state import SamplingSpec
-from .verify import ConversionError
+from napari_dense.convert.acquire import Classifier, ExportedModule
+from napari_dense.convert.api import densify, explain
+from napari_dense.convert.dense import DenseClassifier
+from napari_dense.convert.patchnet import accepted_patch_sizes
+from napari_dense.convert.plan import DensePlan
+from napari_dense.convert.state import SamplingSpec
+from napari_dense.convert.verify import ConversionError
+from napari_dense.errors import UnsupportedLayerError
 
 __all__ = [
     "Classifier",

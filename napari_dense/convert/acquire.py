@@ -11,8 +11,8 @@ from torch import fx, nn
 from torch._ops import OpOverload
 from torch.export import ExportedProgram
 
-from ..errors import InputError, PatchSizeError, UnsupportedLayerError
-from ..geometry import Pair
+from napari_dense.convert.geometry import Pair
+from napari_dense.errors import InputError, PatchSizeError, UnsupportedLayerError
 
 #: What densify/explain accept: a module (traced with torch.fx) or a torch.export program.
 Classifier = nn.Module | ExportedProgram
@@ -213,7 +213,7 @@ class ExportedModule(nn.Module):
     program's graph on private copies of the parameters. Unlike ``ep.module()``, ``train()`` and
     ``eval()`` work (they only set the flag: the mode was fixed at export), and a program exported
     with a fixed batch size takes any batch (split into batches of that size), so per-patch code
-    such as :func:`napari_dense.reference.patchwise` can use it.
+    such as :func:`napari_dense.evaluate.reference.patchwise` can use it.
 
     Parameters
     ----------

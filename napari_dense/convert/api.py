@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import warnings
 
-from ..dense import DenseClassifier
-from ..plan import DensePlan
-from .acquire import Classifier
-from .costs import _build, _plan_with_costs
-from .patchnet import _trace
-from .state import SamplingSpec
-from .verify import certified
+from napari_dense.convert.acquire import Classifier
+from napari_dense.convert.costs import _build, _plan_with_costs
+from napari_dense.convert.dense import DenseClassifier
+from napari_dense.convert.patchnet import _trace
+from napari_dense.convert.plan import DensePlan
+from napari_dense.convert.state import SamplingSpec
+from napari_dense.convert.verify import certified
 
 
 def explain(
@@ -68,7 +68,7 @@ def densify(
         ``"all"`` (advanced: every pooling/strided layer evaluated at all phases, exact at every
         pixel), ``"none"`` (simple: fully convolutional, one output per ``output_stride``
         pixels), ``"checkered"`` (multisampling: every striding layer evaluated at half of its
-        phases, :func:`~napari_dense.geometry.checkered_phases`; the computed samples form
+        phases, :func:`~napari_dense.convert.geometry.checkered_phases`; the computed samples form
         ``plan.sample_pattern``), or a mapping ``{layer name: "all" | "checkered" | "none"}``
         (custom; layers not named are ``"none"``). Names are those of :func:`explain`.
     phases
@@ -115,7 +115,7 @@ def densify(
             "the dense network is not exact: "
             + "; ".join(dense.plan.inexact_reasons)
             + (f" (self-check: {measured.summary()})" if measured else "")
-            + ". Use napari_dense.compare / reference.patchwise to measure the deviation.",
+            + ". Use napari_dense.evaluate.compare / reference.patchwise to measure the deviation.",
             stacklevel=2,
         )
     return dense

@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch._ops import OpOverload
 
-from .. import _ops
-from ..errors import PatchSizeError, UnsupportedLayerError
-from ..geometry import Lattice, sample_grid
-from .acquire import _is_guard
-from .local import _LocalOps
-from .optable import (
+from napari_dense.convert import _ops
+from napari_dense.convert.acquire import _is_guard
+from napari_dense.convert.geometry import Lattice, sample_grid
+from napari_dense.convert.local import _LocalOps
+from napari_dense.convert.optable import (
     _ATEN_SLICE,
     _ELEMENTWISE_FUNCTIONS,
     _ELEMENTWISE_METHODS,
@@ -42,10 +41,11 @@ from .optable import (
     _flat,
     _is_multi_output,
 )
-from .patchnet import _graph_output, _shape
-from .pointwise import _PointwiseOps
-from .reduce import _ReduceOps
-from .state import _env_or_none, _fetch_attr
+from napari_dense.convert.patchnet import _graph_output, _shape
+from napari_dense.convert.pointwise import _PointwiseOps
+from napari_dense.convert.reduce import _ReduceOps
+from napari_dense.convert.state import _env_or_none, _fetch_attr
+from napari_dense.errors import PatchSizeError, UnsupportedLayerError
 
 
 class _DenseGraphBuilder(_ReduceOps, _PointwiseOps, _LocalOps):

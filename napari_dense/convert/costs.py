@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .. import _ops
-from ..errors import UnsupportedLayerError
-from ..geometry import sample_grid
-from ..plan import SAMPLINGS, DensePlan, SamplingCost
-from .builder import _DenseGraphBuilder
-from .patchnet import _graph_output, _Traced
-from .state import SamplingSpec
+from napari_dense.convert import _ops
+from napari_dense.convert.builder import _DenseGraphBuilder
+from napari_dense.convert.geometry import sample_grid
+from napari_dense.convert.patchnet import _graph_output, _Traced
+from napari_dense.convert.plan import SAMPLINGS, DensePlan, SamplingCost
+from napari_dense.convert.state import SamplingSpec
+from napari_dense.errors import UnsupportedLayerError
 
 
 def _build(

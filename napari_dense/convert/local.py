@@ -22,10 +22,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import fx
 
-from .. import _ops
-from .patchnet import _shape
-from .spatial import _static
-from .state import _BuilderState
+from napari_dense.convert import _ops
+from napari_dense.convert.patchnet import _shape
+from napari_dense.convert.spatial import _static
+from napari_dense.convert.state import _BuilderState
 
 __all__: list[str] = []
 

@@ -11,9 +11,7 @@ from torch import fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..errors import PatchSizeError, UnsupportedLayerError
-from ..geometry import Pair, pair
-from .acquire import (
+from napari_dense.convert.acquire import (
     Classifier,
     _check_exported_shape,
     _device_of,
@@ -21,7 +19,9 @@ from .acquire import (
     _graph_of,
     _infer_in_channels,
 )
-from .optable import _ATEN_MULTI_OUTPUT
+from napari_dense.convert.geometry import Pair, pair
+from napari_dense.convert.optable import _ATEN_MULTI_OUTPUT
+from napari_dense.errors import PatchSizeError, UnsupportedLayerError
 
 
 @dataclass

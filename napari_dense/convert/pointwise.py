@@ -10,10 +10,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .. import _ops
-from ..geometry import Lattice
-from .patchnet import _shape
-from .state import _BuilderState, _env_or_none, _is_vector, _max_pair
+from napari_dense.convert import _ops
+from napari_dense.convert.geometry import Lattice
+from napari_dense.convert.patchnet import _shape
+from napari_dense.convert.state import _BuilderState, _env_or_none, _is_vector, _max_pair
 
 
 class _PointwiseOps(_BuilderState):

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from .. import _ops
-from ..geometry import Pair, pair
-from .patchnet import _shape
-from .spatial import _SpatialOps, _static
+from napari_dense.convert import _ops
+from napari_dense.convert.geometry import Pair, pair
+from napari_dense.convert.patchnet import _shape
+from napari_dense.convert.spatial import _SpatialOps, _static
 
 
 class _ReduceOps(_SpatialOps):

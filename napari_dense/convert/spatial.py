@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .. import _ops
-from ..errors import UnsupportedLayerError
-from ..geometry import Lattice, Pair, checkered_phases, pair
-from ..plan import StridingLayer
-from .optable import _ATEN_PERMUTE, _ATEN_TRANSPOSES, _flat
-from .patchnet import _shape
-from .state import _BuilderState, _env_or_none, _fetch_attr, _padding4
+from napari_dense.convert import _ops
+from napari_dense.convert.geometry import Lattice, Pair, checkered_phases, pair
+from napari_dense.convert.optable import _ATEN_PERMUTE, _ATEN_TRANSPOSES, _flat
+from napari_dense.convert.patchnet import _shape
+from napari_dense.convert.plan import StridingLayer
+from napari_dense.convert.state import _BuilderState, _env_or_none, _fetch_attr, _padding4
+from napari_dense.errors import UnsupportedLayerError
 
 
 class _SpatialOps(_BuilderState):

@@ -11,11 +11,17 @@ from typing import Any
 from torch import fx, nn
 from torch._ops import OpOverload
 
-from ..errors import UnsupportedLayerError
-from ..geometry import Lattice, Pair, pair
-from ..plan import SAMPLINGS, Sampling, StridingLayer
-from .optable import _LAYER_MODULES, _PHASES, _SIGNATURES, _SUPPORTED, _aten_equivalent
-from .patchnet import _shape, _Traced
+from napari_dense.convert.geometry import Lattice, Pair, pair
+from napari_dense.convert.optable import (
+    _LAYER_MODULES,
+    _PHASES,
+    _SIGNATURES,
+    _SUPPORTED,
+    _aten_equivalent,
+)
+from napari_dense.convert.patchnet import _shape, _Traced
+from napari_dense.convert.plan import SAMPLINGS, Sampling, StridingLayer
+from napari_dense.errors import UnsupportedLayerError
 
 SamplingSpec = str | Mapping[str, str]
 

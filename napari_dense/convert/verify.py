@@ -20,13 +20,13 @@ import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
 
-from ..dense import DenseClassifier
-from ..errors import ConversionError
-from ..geometry import Lattice, Pair, checkered_phases
-from ..plan import Verification
-from .acquire import Classifier, ExportedModule, _device_of
-from .builder import _DenseGraphBuilder
-from .patchnet import _graph_output, _Traced
+from napari_dense.convert.acquire import Classifier, ExportedModule, _device_of
+from napari_dense.convert.builder import _DenseGraphBuilder
+from napari_dense.convert.dense import DenseClassifier
+from napari_dense.convert.geometry import Lattice, Pair, checkered_phases
+from napari_dense.convert.patchnet import _graph_output, _Traced
+from napari_dense.convert.plan import Verification
+from napari_dense.errors import ConversionError
 
 __all__ = ["ConversionError", "certify"]
 

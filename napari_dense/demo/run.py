@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NapariDenseError
+from napari_dense.errors import NapariDenseError
 
 __all__ = [
     "DEMO_MODEL",
@@ -58,9 +58,9 @@ def run_headless(output_dir: Path, *, overwrite: bool = False, device: str = "au
     """Probability map, overlay PNG and mode comparison of the IHC image, printed and written."""
     from skimage import data, io
 
-    from ..compare import compare_modes
-    from ..model_files import load_classifier
-    from ..to_zarr import predict_to_zarr
+    from napari_dense.evaluate.compare import compare_modes
+    from napari_dense.model_files import load_classifier
+    from napari_dense.run.to_zarr import predict_to_zarr
 
     image = data.immunohistochemistry()
     model = load_classifier(find_demo_model())

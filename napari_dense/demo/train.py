@@ -26,8 +26,8 @@ import torch
 from skimage import data
 from torch import nn
 
-from ..reference import patchwise
-from .labels import CLASS_NAMES, ihc_labels
+from napari_dense.demo.labels import CLASS_NAMES, ihc_labels
+from napari_dense.evaluate.reference import patchwise
 
 __all__ = ["IhcPatchNet", "IhcSelecSLS", "main", "train"]
 
@@ -166,7 +166,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> None:
     """Train both demo models and write them to ``--out``."""
-    from ..model_files import ModelMetadata, save_classifier
+    from napari_dense.model_files import ModelMetadata, save_classifier
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models")

@@ -67,10 +67,10 @@ Modules: :mod:`.metadata` (the schema), :mod:`.messages` (its errors in one line
 
 from __future__ import annotations
 
-from .errors import CodeExecutionRefused, ModelFileError
-from .load import load_classifier
-from .loaded import LoadedClassifier
-from .metadata import (
+from napari_dense.model_files.errors import CodeExecutionRefused, ModelFileError
+from napari_dense.model_files.load import load_classifier
+from napari_dense.model_files.loaded import LoadedClassifier
+from napari_dense.model_files.metadata import (
     ACTIVATIONS,
     FORMAT_VERSION,
     METADATA_ENTRY,
@@ -79,8 +79,8 @@ from .metadata import (
     Sidecar,
     check_normalisation,
 )
-from .save import save_classifier
-from .sidecar import sidecar_schema
+from napari_dense.model_files.save import save_classifier
+from napari_dense.model_files.sidecar import sidecar_schema
 
 __all__ = [
     "ACTIVATIONS",

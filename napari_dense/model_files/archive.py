@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import REEXPORT, ArchiveProblem
-from .graph_checks import check_graph
-from .pickle_scan import check_sample_inputs
+from napari_dense.model_files.errors import REEXPORT, ArchiveProblem
+from napari_dense.model_files.graph_checks import check_graph
+from napari_dense.model_files.pickle_scan import check_sample_inputs
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import NapariDenseError
+from napari_dense.errors import NapariDenseError
 
 __all__ = ["EXPORT_RECIPE", "REEXPORT", "ArchiveProblem", "CodeExecutionRefused", "ModelFileError"]
 

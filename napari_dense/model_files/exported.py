@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-from ..convert import ExportedModule
-from . import archive
-from .errors import ModelFileError
-from .graph_checks import REEXPORT, SAFE_FUNCTION_TARGETS
-from .infer import complete, first_line, metadata_of
-from .loaded import LoadedClassifier
-from .metadata import METADATA_ENTRY
-from .sidecar import FILE_FIELDS
+from napari_dense.convert import ExportedModule
+from napari_dense.model_files import archive
+from napari_dense.model_files.errors import ModelFileError
+from napari_dense.model_files.graph_checks import REEXPORT, SAFE_FUNCTION_TARGETS
+from napari_dense.model_files.infer import complete, first_line, metadata_of
+from napari_dense.model_files.loaded import LoadedClassifier
+from napari_dense.model_files.metadata import METADATA_ENTRY
+from napari_dense.model_files.sidecar import FILE_FIELDS
 
 __all__ = ["load_exported"]
 

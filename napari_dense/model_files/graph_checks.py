@@ -15,7 +15,7 @@ import ast
 import re
 from typing import Any
 
-from .errors import REEXPORT, ArchiveProblem
+from napari_dense.model_files.errors import REEXPORT, ArchiveProblem
 
 __all__ = ["SAFE_FUNCTION_TARGETS", "check_graph"]
 

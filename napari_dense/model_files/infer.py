@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from ..convert import accepted_patch_sizes
-from ..errors import NapariDenseError
-from ..geometry import Pair
-from .errors import ModelFileError
-from .metadata import ModelMetadata
+from napari_dense.convert import accepted_patch_sizes
+from napari_dense.convert.geometry import Pair
+from napari_dense.errors import NapariDenseError
+from napari_dense.model_files.errors import ModelFileError
+from napari_dense.model_files.metadata import ModelMetadata
 
 __all__ = ["complete", "first_line", "metadata_of"]
 

@@ -12,11 +12,16 @@ import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import EXPORT_RECIPE, ModelFileError
-from .exported import load_exported
-from .loaded import LoadedClassifier
-from .python_model import load_python, refuse_pickle
-from .sidecar import SIDECAR_SUFFIXES, model_named_by, read_sidecar, sidecar_of
+from napari_dense.model_files.errors import EXPORT_RECIPE, ModelFileError
+from napari_dense.model_files.exported import load_exported
+from napari_dense.model_files.loaded import LoadedClassifier
+from napari_dense.model_files.python_model import load_python, refuse_pickle
+from napari_dense.model_files.sidecar import (
+    SIDECAR_SUFFIXES,
+    model_named_by,
+    read_sidecar,
+    sidecar_of,
+)
 
 __all__ = ["load_classifier"]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..convert import SamplingSpec, densify
-from ..dense import DenseClassifier
-from ..geometry import Pair
-from .metadata import ModelMetadata
+from napari_dense.convert import SamplingSpec, densify
+from napari_dense.convert.dense import DenseClassifier
+from napari_dense.convert.geometry import Pair
+from napari_dense.model_files.metadata import ModelMetadata
 
 __all__ = ["LoadedClassifier"]
 

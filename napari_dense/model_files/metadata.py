@@ -23,8 +23,8 @@ from pydantic import (
 )
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from .errors import ModelFileError
-from .messages import one_line
+from napari_dense.model_files.errors import ModelFileError
+from napari_dense.model_files.messages import one_line
 
 __all__ = [
     "ACTIVATIONS",

@@ -12,7 +12,7 @@ import io
 import zipfile
 import zlib
 
-from .errors import REEXPORT, ArchiveProblem
+from napari_dense.model_files.errors import REEXPORT, ArchiveProblem
 
 __all__ = ["TENSOR_PICKLE_GLOBALS", "check_sample_inputs", "pickle_globals"]
 

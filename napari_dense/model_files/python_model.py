@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import EXPORT_RECIPE, CodeExecutionRefused, ModelFileError
-from .infer import complete, first_line, metadata_of
-from .loaded import LoadedClassifier
-from .sidecar import FILE_FIELDS, relative
+from napari_dense.model_files.errors import EXPORT_RECIPE, CodeExecutionRefused, ModelFileError
+from napari_dense.model_files.infer import complete, first_line, metadata_of
+from napari_dense.model_files.loaded import LoadedClassifier
+from napari_dense.model_files.sidecar import FILE_FIELDS, relative
 
 __all__ = ["load_python", "read_state_dict", "refuse_pickle"]
 

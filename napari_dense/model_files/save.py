@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from ..convert import ExportedModule
-from .errors import ModelFileError
-from .infer import complete, first_line
-from .metadata import FORMAT_VERSION, METADATA_ENTRY, ModelMetadata
+from napari_dense.convert import ExportedModule
+from napari_dense.model_files.errors import ModelFileError
+from napari_dense.model_files.infer import complete, first_line
+from napari_dense.model_files.metadata import FORMAT_VERSION, METADATA_ENTRY, ModelMetadata
 
 __all__ = ["save_classifier"]
 

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFileError
-from .metadata import FORMAT_VERSION, ModelMetadata, Sidecar
+from napari_dense.model_files.errors import ModelFileError
+from napari_dense.model_files.metadata import FORMAT_VERSION, ModelMetadata, Sidecar
 
 __all__ = [
     "FILE_FIELDS",

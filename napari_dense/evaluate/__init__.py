@@ -1,0 +1,1 @@
+"""Measuring dense networks: the per-patch oracle, baselines, mode comparison, frontier, cost."""

@@ -1,0 +1,1 @@
+"""Images in and maps out: lazy sources, physical space, input checks, the probability store."""

@@ -1,0 +1,1 @@
+"""Running dense networks: tiling, devices, the tiled engine, OME-Zarr output, clusters."""

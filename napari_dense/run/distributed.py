@@ -1,0 +1,172 @@
+"""Tiles as tasks on a dask.distributed cluster.
+
+Each worker receives the dense classifier once (scattered, broadcast), computes its tiles and
+writes its own chunk-aligned regions of the shared store; results equal a single-process run.
+On a multi-GPU node, ``"local-cuda"`` starts one worker per GPU (dask-cuda's
+``LocalCUDACluster`` where installed), each pinned to its GPU: ``device="auto"`` or ``"cuda"``
+in a worker is its own GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from napari_dense.errors import InputError
+from napari_dense.io.store import ProbabilityStore
+from napari_dense.run.engine import TiledPredictor, TileResult
+
+__all__ = ["LOCAL_CUDA", "check_scheduler", "connect", "cuda_devices", "run_distributed"]
+
+#: Tiles per task: enough to amortise task overhead, few enough to balance the workers.
+TILES_PER_TASK = 4
+
+
+#: ``--scheduler local-cuda``: one worker process per visible GPU.
+LOCAL_CUDA = "local-cuda"
+
+
+def cuda_devices() -> list[str]:
+    """The visible GPUs, as values of ``CUDA_VISIBLE_DEVICES`` (one per worker of local-cuda).
+
+    The entries of ``CUDA_VISIBLE_DEVICES`` when it is set (each worker sees one of them),
+    else ``"0"`` … ``"n-1"``; empty without CUDA.
+    """
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [entry.strip() for entry in visible.split(",") if entry.strip()][:count]
+    return [str(index) for index in range(count)]
+
+
+def check_scheduler(scheduler: str, *, _devices: list[str] | None = None) -> str:
+    """Return ``scheduler`` if it is ``"local:N"`` (N >= 1), ``"local-cuda"`` or an address.
+
+    ``"local-cuda"`` needs at least one visible GPU (``_devices``: the GPUs to use instead of
+    :func:`cuda_devices`, for tests). Raises :class:`InputError` naming the fix otherwise.
+    """
+    if scheduler == LOCAL_CUDA:
+        if not (cuda_devices() if _devices is None else _devices):
+            raise InputError(
+                "--scheduler local-cuda starts one worker per GPU, but no CUDA GPU is visible; "
+                "use --scheduler local:N for N worker processes on the CPU"
+            )
+    elif scheduler.startswith("local:"):
+        count = scheduler.split(":", 1)[1] or "1"
+        if not count.isdigit() or int(count) < 1:
+            raise InputError(
+                f"--scheduler {scheduler!r}: local:N needs a whole number N >= 1 of worker "
+                "processes, e.g. local:4 (or local-cuda: one per GPU)"
+            )
+    elif "://" not in scheduler and ":" not in scheduler:
+        raise InputError(
+            f"--scheduler {scheduler!r} is neither local:N, local-cuda nor a scheduler address "
+            "(tcp://host:8786)"
+        )
+    return scheduler
+
+
+def connect(scheduler: str, *, _devices: list[str] | None = None) -> Any:
+    """A ``distributed.Client`` for ``"local:N"``, ``"local-cuda"`` or a scheduler address.
+
+    ``"local-cuda"``: one single-threaded worker process per visible GPU, each pinned to its GPU
+    through ``CUDA_VISIBLE_DEVICES`` (so ``device="cuda"`` in a worker is its own GPU):
+    ``dask_cuda.LocalCUDACluster`` where dask-cuda is installed, else a ``distributed``
+    cluster with that variable set per worker. ``_devices`` (tests): the ``CUDA_VISIBLE_DEVICES``
+    values of the workers, instead of :func:`cuda_devices`; it always takes the second way.
+    """
+    check_scheduler(scheduler, _devices=_devices)
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as err:  # pragma: no cover - distributed is a dependency
+        raise InputError("dask.distributed is not installed: pip install distributed") from err
+    if scheduler == LOCAL_CUDA:
+        return Client(_cuda_cluster(cuda_devices() if _devices is None else _devices, _devices))
+    if scheduler.startswith("local:"):
+        workers = int(scheduler.split(":", 1)[1] or 1)
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        return Client(cluster)
+    return Client(scheduler, timeout="30s")
+
+
+def _cuda_cluster(devices: list[str], forced: list[str] | None) -> Any:
+    """One worker per entry of ``devices``, each with ``CUDA_VISIBLE_DEVICES`` set to it."""
+    if forced is None:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            pass
+        else:  # pragma: no cover - needs GPUs and dask-cuda
+            return LocalCUDACluster(
+                CUDA_VISIBLE_DEVICES=",".join(devices), threads_per_worker=1,
+                dashboard_address=None,
+            )  # fmt: skip
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {
+        f"gpu-{index}": {
+            "cls": Nanny,
+            "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": device}},
+        }
+        for index, device in enumerate(devices)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    return SpecCluster(workers=workers, scheduler=scheduler)
+
+
+def _compute_tiles(predictor: TiledPredictor, store_path: str, tasks: list[Any]) -> list[Any]:
+    """Worker side: compute and write some tiles; return their timing for progress."""
+    store = ProbabilityStore.open(store_path)
+    timings = []
+    for result in predictor.run(tasks):
+        store.write_tile(result.leading, result.tile.box, result.probabilities)
+        timings.append((result.leading, result.tile, result.read_seconds, result.compute_seconds))
+    return timings
+
+
+def run_distributed(
+    predictor: TiledPredictor,
+    store: ProbabilityStore,
+    tasks: list[Any],
+    scheduler: str,
+    *,
+    on_tile: Callable[[TileResult], None] | None = None,
+) -> None:
+    """Run ``tasks`` on the cluster at ``scheduler``; ``on_tile`` gets each finished tile."""
+    from distributed import as_completed
+
+    client = connect(scheduler)
+    try:
+        # Scattered once and broadcast: every worker deserialises the network once.
+        shared = client.scatter(predictor, broadcast=True)
+        batches = [tasks[i : i + TILES_PER_TASK] for i in range(0, len(tasks), TILES_PER_TASK)]
+        futures = [
+            client.submit(_compute_tiles, shared, str(store.path), batch, pure=False)
+            for batch in batches
+        ]
+        index = 0
+        for future in as_completed(futures):
+            for leading, tile, read_seconds, compute_seconds in future.result():
+                if on_tile is not None:
+                    on_tile(
+                        TileResult(
+                            index,
+                            len(tasks),
+                            leading,
+                            tile,
+                            None,  # type: ignore[arg-type]
+                            read_seconds,
+                            compute_seconds,
+                        )
+                    )
+                index += 1
+    finally:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None:
+            cluster.close()
