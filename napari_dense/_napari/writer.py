@@ -1,4 +1,8 @@
-"""Write probability-map image layers to OME-Zarr through the engine's store (provenance kept)."""
+"""Write probability-map image layers to OME-Zarr through the engine's store (provenance kept).
+
+The saved map reopens, dragged back in, as the overlay looked: napari-dense's map reader is
+kept as the reader of that folder (:func:`~napari_dense._napari.reader.remember_map_reader`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_dense._napari.reader import remember_map_reader
 from napari_dense.io.physical import PhysicalSpace
 from napari_dense.io.store import ProbabilityStore, resolve_space
 
@@ -69,6 +74,7 @@ def write_probability_maps(
             )
             store.write_tile((), (y0, y1, x0, x1), block)
     store.finalize(attributes={"complete": True})
+    remember_map_reader(path)
     return [path]
 
 
