@@ -1,7 +1,8 @@
 """The live overlay: one multiscale napari layer per class, views of the store the run writes.
 
 Every level of the store's pyramid is a level of the layers, so napari only reads what the
-current zoom shows: adding the layers costs the same on 512² and on 100k². The views read
+current zoom shows: adding the layers costs the same on 512² and on 100k²; they are added one
+per event-loop turn, the shown ones first, and reused by the next run. The views read
 through one :class:`ChunkCache` shared by the classes (a chunk holds every class, so it is
 decoded once per refresh, not once per class); a landed tile makes only its own chunks stale,
 and :meth:`LiveOverlay.refresh` re-slices the layers only when a stale chunk is in view.
@@ -233,6 +234,12 @@ def _as_slice(index: Any) -> tuple[slice, Any]:
 class LiveOverlay:
     """The class layers of one run and what refreshing them needs.
 
+    Adding a napari layer (its controls, its vispy visual, its first slice) costs a tenth of a
+    second or more on the GUI thread, so no call here adds more than one: the layers that
+    :meth:`show` makes visible are added first, one per event-loop turn, the hidden ones after
+    them (:attr:`layers` adds any still pending at once). Layers of a previous run with the same
+    classes and the same multiscale-ness are reused: their data become this run's views.
+
     Parameters
     ----------
     viewer
@@ -241,41 +248,168 @@ class LiveOverlay:
         The run's :class:`~napari_dense.io.store.ProbabilityStore` (every level of its pyramid).
     scale, translate
         World transform of the ``(y, x)`` pixels of the image the run reads.
+    units
+        Units of ``(y, x)`` (None: napari's default).
+    shown
+        The class shown at first (:meth:`show`).
+    reuse
+        The previous run's overlay: its layers are reused where they fit, removed otherwise.
     """
 
-    def __init__(self, viewer: Any, store: Any, scale: Iterable[float], translate: Iterable[float]):
+    def __init__(
+        self,
+        viewer: Any,
+        store: Any,
+        scale: Iterable[float],
+        translate: Iterable[float],
+        units: Iterable[str | None] | None = None,
+        shown: str = "all",
+        reuse: LiveOverlay | None = None,
+    ):
+        from qtpy.QtCore import QTimer
+
         self.store = store
         self.cache = ChunkCache(store)
+        self._viewer = viewer
         self._stale: list[tuple[tuple[int, ...], Box]] = []
-        top = 255 if store.dtype == np.uint8 else 1
-        levels = range(len(self.cache.levels))
+        self._shown = shown
+        self._stopped = False
+        self._multiscale = len(self.cache.levels) > 1
         lead = (1.0,) * len(store.leading_axes)
+        self._scale = (*lead, *scale)
+        self._translate = (*(0.0 for _ in lead), *translate)
+        units = tuple(units or ())
+        self._units = units if len(units) == 2 and all(units) else None
+        self._layers: list[Any] = [None] * store.num_classes
+        old = {} if reuse is None else reuse._take()
+        for k, name in enumerate(store.class_names):
+            layer = old.pop(name, None)
+            if (
+                layer is not None
+                and layer.multiscale == self._multiscale
+                and layer in viewer.layers
+            ):
+                self._reuse(layer, k)
+        for layer in old.values():  # classes of another model, or another kind of layer
+            if layer in viewer.layers:
+                viewer.layers.remove(layer)
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(0)
+        self._timer.timeout.connect(self._add_next)
+        self.show(shown)
+        self._timer.start()
+
+    # -- the layers --------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[Any]:
+        """Every class layer, in class order (those still pending are added now)."""
+        while self._add_next():
+            pass
+        return list(self._layers)
+
+    @property
+    def added(self) -> list[Any]:
+        """The class layers added so far (never adds one)."""
+        return [layer for layer in self._layers if layer is not None]
+
+    def stop(self) -> None:
+        """Add no more layers (the widget was closed)."""
+        self._timer.stop()
+        self._stopped = True
+
+    def _take(self) -> dict[str, Any]:
+        """This overlay's layers by class name, for the next run's overlay (it owns them now)."""
+        self.stop()
+        taken = {layer.metadata[OUTPUT_KEY]["class"]: layer for layer in self.added}
+        self._layers = [None] * len(self._layers)
+        return taken
+
+    def _views(self, k: int) -> Any:
+        levels = range(len(self.cache.levels))
+        if self._multiscale:
+            return [StoreClassView(self.cache, level, k) for level in levels]
         # One level (a small map): a plain layer; napari's single-level multiscale path
         # crashed vispy's software GL under Xvfb here.
-        multiscale = len(self.cache.levels) > 1
-        self.layers = [
-            viewer.add_image(
-                [StoreClassView(self.cache, level, k) for level in levels]
-                if multiscale
-                else StoreClassView(self.cache, 0, k),
-                multiscale=multiscale,
-                name=f"{name}{OUTPUT_SUFFIX}",
-                colormap=class_colourmap(k),  # the saved map's omero colours too
-                blending="additive",
-                contrast_limits=[0, top],
-                scale=(*lead, *scale),
-                translate=(*(0.0 for _ in lead), *translate),
-                cache=False,
-                metadata={OUTPUT_KEY: {"store": str(store.path), "class": name}},
-            )
-            for k, name in enumerate(store.class_names)
-        ]
+        return StoreClassView(self.cache, 0, k)
+
+    def _metadata(self, k: int) -> dict[str, Any]:
+        return {OUTPUT_KEY: {"store": str(self.store.path), "class": self.store.class_names[k]}}
+
+    def _wanted(self, k: int) -> bool:
+        name = self.store.class_names[k]
+        return name == self._shown or (self._shown == "all" and not is_background(name))
+
+    def _reuse(self, layer: Any, k: int) -> None:
+        layer.metadata = self._metadata(k)
+        layer.scale, layer.translate = self._scale, self._translate
+        if self._units is not None:
+            layer.units = (*tuple(layer.units)[:-2], *self._units)
+        layer.data = self._views(k)
+        layer.contrast_limits = [0, 255 if self.store.dtype == np.uint8 else 1]
+        self._layers[k] = layer
+
+    def _add_next(self) -> bool:
+        """Add one pending layer (shown ones first); False when none is pending."""
+        if self._stopped:
+            return False
+        pending = [k for k, layer in enumerate(self._layers) if layer is None]
+        if not pending:
+            return False
+        k = min(pending, key=lambda k: (not self._wanted(k), k))
+        from napari.layers import Image
+
+        layer = Image(
+            self._views(k),
+            multiscale=self._multiscale,
+            name=f"{self.store.class_names[k]}{OUTPUT_SUFFIX}",
+            colormap=class_colourmap(k),  # the saved map's omero colours too
+            blending="additive",
+            contrast_limits=[0, 255 if self.store.dtype == np.uint8 else 1],
+            scale=self._scale,
+            translate=self._translate,
+            cache=False,
+            visible=self._wanted(k),
+            metadata=self._metadata(k),
+        )
+        if self._units is not None:
+            layer.units = (*tuple(layer.units)[:-2], *self._units)
+        self._layers[k] = layer
+        layers = self._viewer.layers
+        # Not made the active layer: the user's selection stays, and napari does not switch
+        # the layer controls for each (a tenth of a second per layer on the GUI thread).
+        activate = getattr(layers, "_activate_on_insert", None)
+        if activate is not None:
+            layers._activate_on_insert = False
+        try:
+            layers.insert(self._position(k), layer)
+        finally:
+            if activate is not None:
+                layers._activate_on_insert = activate
+        if len(pending) > 1:
+            self._timer.start()  # the next one on the next event-loop turn
+        return True
+
+    def _position(self, k: int) -> int:
+        """Where class ``k`` goes in the layer list: in class order among this run's layers."""
+        layers = list(self._viewer.layers)
+        for other in range(k + 1, len(self._layers)):
+            if self._layers[other] is not None and self._layers[other] in layers:
+                return layers.index(self._layers[other])
+        for other in range(k - 1, -1, -1):
+            if self._layers[other] is not None and self._layers[other] in layers:
+                return layers.index(self._layers[other]) + 1
+        return len(layers)
+
+    # -- showing and refreshing --------------------------------------------------------------
 
     def show(self, name: str) -> None:
         """Show one class, or ``"all"``: every class but background (it would hide the image)."""
-        for layer in self.layers:
-            class_name = layer.metadata[OUTPUT_KEY]["class"]
-            layer.visible = class_name == name or (name == "all" and not is_background(class_name))
+        self._shown = name
+        for k, layer in enumerate(self._layers):
+            if layer is not None:
+                layer.visible = self._wanted(k)
 
     def tile_landed(self, leading: tuple[int, ...], box: Box) -> None:
         """A tile was written: its chunks are stale (cheap; :meth:`refresh` redraws)."""
@@ -285,7 +419,7 @@ class LiveOverlay:
     def refresh(self, force: bool = False) -> bool:
         """Re-slice the visible layers if a stale tile is in view (or ``force``); True if so."""
         stale, self._stale = self._stale, []
-        shown = [layer for layer in self.layers if layer.visible]
+        shown = [layer for layer in self.added if layer.visible]
         if not shown or not (force or (stale and self._in_view(shown[0], stale))):
             return False
         for layer in shown:

@@ -1,11 +1,18 @@
-"""Estimates of a run's cost before running it (the GUI's live estimate)."""
+"""Estimates of a run's cost before running it (the GUI's live estimate).
+
+The GUI calibrates them with :func:`probe_tile_rate`: one real tile of the run (read from the
+chosen image, computed, written with its pyramid footprint into a scratch store), measured once
+per model, sampling, device and image (:func:`cached_probe`), in a worker.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from napari_dense.convert.plan import DensePlan
@@ -19,6 +26,7 @@ __all__ = [
     "gui_tile_size",
     "known_probe",
     "probe_rate",
+    "probe_tile_rate",
 ]
 
 #: Tile side of GUI runs without an explicit tile: sized for latency (the first tile lands and
@@ -100,6 +108,35 @@ def probe_rate(dense: Any, device: Any = "cpu", side: int = PROBE_SIDE) -> float
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - begin
     return dense.plan.macs_per_pixel * window.shape[-2] * window.shape[-1] / max(seconds, 1e-9)
+
+
+def probe_tile_rate(prepare: Callable[[Path], tuple[Any, Any]]) -> float:
+    """Multiply-adds per second of output pixels, measured on one real tile of a run.
+
+    ``prepare(path)`` prepares the run into a scratch store at ``path`` (e.g. a partial of
+    :func:`napari_dense.run.to_zarr.prepare_run` with the run's image, model, tile and
+    ``pyramid_levels``). The tile nearest the image's centre warms up (kernels chosen, memory
+    allocated); the next nearest is timed as a run does it: its window read from the image,
+    computed, written with its footprint on every pyramid level. The scratch store is removed.
+    Counts output pixels: pass the rate to :func:`estimate_run` without ``halo``.
+    """
+    with tempfile.TemporaryDirectory(prefix="napari-dense-probe-") as folder:
+        predictor, store = prepare(Path(folder) / "probe.zarr")
+        try:
+            height, width = predictor.source.plane_shape
+            tasks = predictor.tasks((height / 2, width / 2))[:2]
+            seconds = 0.0
+            for leading, tile in tasks:  # the last one timed
+                begin = time.perf_counter()
+                store.write_tile(
+                    leading, tile.box, predictor.compute(predictor.read(leading, tile), tile)
+                )
+                seconds = time.perf_counter() - begin
+        finally:
+            if store.holds_lock:
+                store.release_lock()
+    pixels = tile.shape[0] * tile.shape[1]
+    return predictor.dense.plan.macs_per_pixel * pixels / max(seconds, 1e-9)
 
 
 def cached_probe(key: Hashable, measure: Callable[[], float]) -> float:
