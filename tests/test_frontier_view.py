@@ -18,7 +18,7 @@ from qtpy.QtCore import QTimer
 
 import napari_dense as nd
 from napari_dense._napari.compare_widget import CompareModesWidget
-from napari_dense._napari.frontier_view import table_text
+from napari_dense._napari.table import table_text
 from napari_dense._napari.widget import DenseInferenceWidget, dense_widget_of
 from napari_dense.evaluate.frontier import LEVELS, frontier_size
 from napari_dense.evaluate.frontier import frontier as frontier_of

@@ -190,7 +190,7 @@ def test_compare_panel_shows_probabilities_memory_and_the_certificate(
     qtbot, make_napari_viewer, model_file
 ) -> None:
     from napari_dense._napari.compare_widget import CompareModesWidget
-    from napari_dense.evaluate.compare import HOST_MEMORY
+    from napari_dense._napari.table import column_names, table_text
 
     viewer = make_napari_viewer()
     image = np.random.default_rng(3).random((48, 48), np.float32)
@@ -204,8 +204,13 @@ def test_compare_panel_shows_probabilities_memory_and_the_certificate(
     qtbot.waitUntil(lambda: panel.comparison is not None, timeout=120_000)
     comparison = panel.comparison
     assert comparison.activation == "softmax"  # the model file's
-    columns = panel._table.value["columns"]
-    assert HOST_MEMORY in columns and "max |Δ| (p)" in columns and "mean |Δ| (p)" in columns
+    columns = column_names(panel._table)
+    # Probabilities, host memory, no GPU column on CPU; every number shown as given (3 digits).
+    assert columns == ["mode", "stride", "time s", "Mpx/s", "host MiB", "max |Δp|", "mean |Δp|"]
+    shown = table_text(panel._table)
+    assert [row[0] for row in shown] == [r.mode for r in comparison.results]
+    assert all("e" not in cell and len(cell.replace(".", "").lstrip("0")) <= 3
+               for row in shown for cell in row[2:]), shown  # fmt: skip
     assert all(r.peak_host_bytes > 0 for r in comparison.results)
     assert all(0 <= r.max_abs_diff <= 1 for r in comparison.results)
     assert comparison.verified is not None

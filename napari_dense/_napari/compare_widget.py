@@ -13,7 +13,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import Container, Label, PushButton, RadioButtons, Table, Widget
+from magicgui.widgets import Container, Label, PushButton, RadioButtons, Widget
 from napari.qt.threading import FunctionWorker, create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QApplication, QTabWidget
@@ -21,6 +21,7 @@ from qtpy.QtWidgets import QApplication, QTabWidget
 from napari_dense._napari.frontier_view import FrontierView
 from napari_dense._napari.layers import image_data as _image_data
 from napari_dense._napari.layers import visible_box as _visible_box
+from napari_dense._napari.table import read_only_table, set_columns, set_rows
 from napari_dense._napari.widget import dense_widget_of
 from napari_dense.evaluate.compare import HOST_MEMORY, ModeComparison, compare_modes
 
@@ -28,6 +29,27 @@ __all__ = ["CompareModesWidget"]
 
 BAR_WIDTH = 160  # pixels of the longest bar
 MAX_PIXELS = 4096 * 4096  # compare_modes holds every mode's map of the region in memory
+
+
+#: The table's columns (short, so that they fit the dock; the tooltips say what each is).
+COLUMNS = ("mode", "stride", "time s", "Mpx/s", "host MiB", "max |Δp|", "mean |Δp|")
+COLUMN_TIPS = (
+    "the dense mode",
+    "output stride: pixels between computed samples (the rest are interpolated)",
+    "wall time on the region (conversion and self-check included)",
+    "megapixels per second",
+    f"{HOST_MEMORY}: the mode's peak host memory, measured as it ran",
+    "largest |difference to advanced| over pixels and classes, in probabilities",
+    "mean |difference to advanced| over pixels and classes, in probabilities",
+)
+
+
+def _holding(widget: Any) -> Container:
+    """A magicgui container holding one Qt widget."""
+    holder: Container = Container(labels=False)
+    holder.margins = (0, 0, 0, 0)
+    holder.native.layout().addWidget(widget)
+    return holder
 
 
 def _sig(value: float) -> str:
@@ -48,15 +70,15 @@ class CompareModesWidget(Container):
             orientation="horizontal",
         )
         self._run_button = PushButton(text="Compare")
-        # With "index": without it magicgui shows the keys as the columns of an empty table.
-        self._table = Table(value={"data": [], "index": [], "columns": []})
-        self._table.min_height = 130  # all modes visible without scrolling
+        # A plain table (napari_dense._napari.table): magicgui's Table re-formats numbers.
+        self._table = read_only_table(COLUMNS, COLUMN_TIPS)
+        self._table.setMinimumHeight(130)  # all modes visible without scrolling
         self._exactness = Label(value="")
         self._bars = Label(value="")
         self._copy_button = PushButton(text="Copy as markdown", enabled=False)
         modes: list[Widget] = [
             self._run_button,
-            self._table,
+            _holding(self._table),
             self._exactness,
             self._bars,
             self._copy_button,
@@ -122,32 +144,31 @@ class CompareModesWidget(Container):
 
     def _show(self, comparison: ModeComparison, layer: Any, offset: tuple[int, int]) -> None:
         self.comparison = comparison
-        unit = "p" if comparison.delta_unit == "probabilities" else "scores"
-        columns = [
-            "mode",
-            "stride",
-            "time s",
-            "Mpx/s",
-            HOST_MEMORY,
-            "GPU MiB",
-            f"max |Δ| ({unit})",
-            f"mean |Δ| ({unit})",
-        ]
-        rows = [
-            [
+        probabilities = comparison.delta_unit == "probabilities"
+        gpu = any(r.peak_device_bytes for r in comparison.results)  # a GPU column only with one
+        columns, tips = list(COLUMNS), list(COLUMN_TIPS)
+        if not probabilities:
+            columns[-2:] = ["max |Δs|", "mean |Δs|"]
+            tips[-2:] = [tip.replace("probabilities", "raw scores") for tip in tips[-2:]]
+        if gpu:
+            columns.insert(5, "GPU MiB")
+            tips.insert(5, "peak CUDA memory allocated")
+        rows = []
+        for r in comparison.results:
+            cells = [
                 r.mode,
                 f"{r.output_stride[0]}x{r.output_stride[1]}",
                 _sig(r.seconds),
                 _sig(r.megapixels_per_second),
                 _sig(r.peak_host_bytes / 2**20),
-                _sig(r.peak_device_bytes / 2**20),
                 _sig(r.max_abs_diff),
                 _sig(r.mean_abs_diff),
             ]
-            for r in comparison.results
-        ]
-        self._table.value = (rows, [r.mode for r in comparison.results], columns)  # type: ignore[assignment]
-        self._table.native.resizeColumnsToContents()  # every column readable
+            if gpu:
+                cells.insert(5, _sig(r.peak_device_bytes / 2**20))
+            rows.append(cells)
+        set_columns(self._table, columns, tips)
+        set_rows(self._table, rows)
         self._exactness.value = (
             f"advanced vs per-patch on {comparison.oracle_pixels} random pixels: "
             f"max |Δ| = {_sig(comparison.oracle_max_abs_diff)}"

@@ -29,16 +29,11 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QHeaderView,
-    QSizePolicy,
-    QTableWidget,
-    QTableWidgetItem,
-)
+from qtpy.QtWidgets import QSizePolicy
 
 from napari_dense._napari.layers import image_data as _image_data
 from napari_dense._napari.layers import visible_box as _visible_box
+from napari_dense._napari.table import headers, read_only_table, set_rows
 from napari_dense._napari.widget import dense_widget_of
 from napari_dense._napari.workers import reporting_errors
 from napari_dense.evaluate.frontier import (
@@ -111,18 +106,9 @@ class FrontierView(Container):
         )
         self._budget.native.setSuffix(" %")
         self._budget.max_width = 110
-        # A plain QTableWidget: magicgui's Table re-reads numeric text as floats ("0.055" shows
-        # as "5.500e-02") and is editable.
-        self._table = table = QTableWidget(0, len(COLUMNS))
-        table.setHorizontalHeaderLabels(COLUMNS)
-        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        header, row_header = _headers(table)
-        row_header.setVisible(False)
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setStretchLastSection(True)
-        for column, tip in enumerate(
+        # A plain table (napari_dense._napari.table): magicgui's Table re-formats numbers.
+        self._table = table = read_only_table(
+            COLUMNS,
             (
                 "one letter per layer group (N none, C checkered, A all)",
                 "pixels computed exactly; the others are interpolated",
@@ -131,10 +117,8 @@ class FrontierView(Container):
                 "pixels whose class differs from advanced",
                 "99th percentile of |p - p_advanced| over pixels and classes",
                 "no other setting is both faster and more accurate",
-            )
-        ):
-            table.setHorizontalHeaderItem(column, item := QTableWidgetItem(COLUMNS[column]))
-            item.setToolTip(tip)
+            ),
+        )
         self._picked = _wrapping(Label(value=""))
         self._use_button = PushButton(text="Use this setting", enabled=False)
         self.extend(
@@ -304,14 +288,10 @@ class FrontierView(Container):
             )
         table = self._table
         with _signals_blocked(table):  # refilling is no selection by the user
-            table.clearSelection()
-            table.setRowCount(len(data))
-            for r, cells in enumerate(data):
-                for c, text in enumerate(cells):
-                    table.setItem(r, c, QTableWidgetItem(text))
+            set_rows(table, data)
         # Every row visible up to TABLE_ROWS_SHOWN: the view scrolls, not the table inside it.
         shown = min(max(len(data), 4), TABLE_ROWS_SHOWN)
-        header, row_header = _headers(table)
+        header, row_header = headers(table)
         row_height = table.rowHeight(0) if data else row_header.defaultSectionSize()
         table.setMinimumHeight(header.sizeHint().height() + shown * row_height + 4)
 
@@ -364,21 +344,6 @@ class FrontierView(Container):
             return None
         show_info(f"napari-dense: Dense inference now samples {row.label or 'A'}")
         return row
-
-
-def table_text(table: QTableWidget) -> list[list[str]]:
-    """The cells of a table as shown, row by row."""
-    return [
-        [item.text() if (item := table.item(r, c)) else "" for c in range(table.columnCount())]
-        for r in range(table.rowCount())
-    ]
-
-
-def _headers(table: QTableWidget) -> tuple[QHeaderView, QHeaderView]:
-    """The column and row headers (never None on a table; Qt's stubs say Optional)."""
-    header, row_header = table.horizontalHeader(), table.verticalHeader()
-    assert header is not None and row_header is not None
-    return header, row_header
 
 
 def _holding(widget: Any) -> Container:
