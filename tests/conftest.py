@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
+
+# napari's settings file for this test session only (read when napari is first imported):
+# the writer's reader preferences and the plugin's configurations never reach the user's.
+os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="napari-dense-tests-")) / "s.yaml")
 
 import numpy as np
 import pytest
