@@ -74,3 +74,48 @@ def test_local_cuda_run_equals_single_process(tmp_path, monkeypatch) -> None:
     )  # fmt: skip
     assert cluster.is_complete() and sorted(ticks) == list(range(9))
     np.testing.assert_array_equal(cluster.read(), local.read())
+
+
+@pytest.fixture(scope="module")
+def threads_cluster():
+    """One in-process cluster of two single-threaded workers, reached by its address."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_iter_distributed_follows_a_lazy_order_and_closing_cancels_the_rest(
+    tmp_path, threads_cluster
+) -> None:
+    from napari_dense.run.to_zarr import prepare_run
+
+    torch.manual_seed(0)
+    image = np.random.default_rng(1).random((96, 96), dtype=np.float32)
+    predictor, store = prepare_run(
+        image, fdfe15(num_classes=2).eval(), tmp_path / "m.zarr", patch_size=15, tile=16,
+        device="cpu",
+    )  # fmt: skip
+    tasks = list(predictor.tasks())
+    consumed: list = []
+
+    def order():  # chosen as it is consumed, like the GUI's nearest-to-the-view queue
+        for task in tasks:
+            consumed.append(task)
+            yield task
+
+    tiles = distributed.iter_distributed(
+        predictor, store, order(), threads_cluster, total=40, first_index=4, tiles_per_task=1
+    )
+    first = next(tiles)
+    ahead = distributed.IN_FLIGHT_PER_WORKER * 2
+    assert len(consumed) == ahead + 1  # submitted ahead, then one more as the first landed
+    assert (first.index, first.total, first.probabilities) == (4, 40, None)
+    assert (first.leading, first.tile) in consumed[:ahead]
+    tiles.close()
+    assert len(consumed) == ahead + 1 < len(tasks)  # nothing more was submitted
+    done = store.completed_tiles()  # written by the workers before the tile was yielded
+    assert (first.leading, first.tile.box) in done
+    assert done <= {(leading, tile.box) for leading, tile in consumed}

@@ -8,6 +8,11 @@ yielded. The next tile is always the remaining one nearest to the view's centre 
 (:class:`ViewFollower`, set from the GUI thread when the user pans), within the current plane.
 One tile is read ahead; each is written before it is yielded. Closing the generator (Cancel)
 stops after the tile being computed.
+
+The device list's "all GPUs" (:data:`ALL_GPUS`) runs the same generator over one dask worker
+per GPU (:func:`napari_dense.run.distributed.iter_distributed`, as ``--scheduler local-cuda``):
+the tiles are submitted nearest the view first, a few ahead per worker, and yielded as they
+land; Cancel cancels the tasks not yet done and closes the cluster.
 """
 
 from __future__ import annotations
@@ -22,12 +27,43 @@ from typing import Any
 import numpy as np
 
 from napari_dense.io.store import ProbabilityStore
+from napari_dense.run import distributed
 from napari_dense.run.engine import TiledPredictor, TileResult
 from napari_dense.run.tiling import Tile
 
-__all__ = ["NearestFirst", "Prepared", "ViewFollower", "live_run"]
+__all__ = [
+    "ALL_GPUS",
+    "NearestFirst",
+    "Prepared",
+    "ViewFollower",
+    "all_gpus_available",
+    "live_run",
+    "run_device",
+    "run_scheduler",
+]
 
 Task = tuple[tuple[int, ...], Tile]
+
+#: The device list's entry for one dask worker per GPU (``--scheduler local-cuda``).
+ALL_GPUS = "all GPUs"
+
+
+def all_gpus_available() -> bool:
+    """Whether to offer :data:`ALL_GPUS`: with two or more visible GPUs (one adds nothing)."""
+    return len(distributed.cuda_devices()) >= 2
+
+
+def run_device(choice: str) -> str:
+    """The ``device`` a run with the device list's ``choice`` plans with.
+
+    :data:`ALL_GPUS`: ``"auto"``, which in each worker (pinned to its GPU) is that GPU.
+    """
+    return "auto" if choice == ALL_GPUS else choice
+
+
+def run_scheduler(choice: str) -> str | None:
+    """The scheduler of a run with the device list's ``choice`` (None: in this process)."""
+    return distributed.LOCAL_CUDA if choice == ALL_GPUS else None
 
 
 class ViewFollower:
@@ -105,6 +141,7 @@ class Prepared:
 def live_run(
     prepare: Callable[[], tuple[TiledPredictor, ProbabilityStore]],
     follower: ViewFollower,
+    scheduler: str | None = None,
 ) -> Generator[Prepared | TileResult, None, None]:
     """Prepare a run, then compute, write and yield its remaining tiles nearest the view first;
     finalize the store when every tile is done (a cancelled run leaves it resumable, unlocked).
@@ -116,7 +153,13 @@ def live_run(
         :func:`napari_dense.run.to_zarr.prepare_run`; called here, in the worker.
     follower
         Where the user looks, read before each tile.
+    scheduler
+        None: compute here. ``"local-cuda"`` (:func:`run_scheduler`), ``"local:N"`` or an
+        address: the tiles become tasks on that cluster, one tile each (latency-sized GUI
+        tiles), submitted nearest the view first; the workers write them.
     """
+    if scheduler is not None:
+        distributed.check_scheduler(scheduler)  # before the store exists
     start = time.perf_counter()
     predictor, store = prepare()
     try:
@@ -125,7 +168,14 @@ def live_run(
         total = len(tasks) + len(done)
         yield Prepared(predictor, store, total, len(done), time.perf_counter() - start)
         began = time.perf_counter()
-        yield from _compute(predictor, store, NearestFirst(tasks, follower), len(done), total)
+        queue = NearestFirst(tasks, follower)
+        if scheduler is None:
+            yield from _compute(predictor, store, queue, len(done), total)
+        else:
+            yield from distributed.iter_distributed(
+                predictor, store, iter(queue.pop, None), scheduler,
+                total=total, first_index=len(done), tiles_per_task=1,
+            )  # fmt: skip
         seconds = time.perf_counter() - began
         megapixels = sum(tile.shape[0] * tile.shape[1] for _, tile in tasks) / 1e6
         store.finalize(  # here, not on the GUI thread: it completes the pyramid's last levels
