@@ -10,6 +10,7 @@ and :meth:`LiveOverlay.refresh` re-slices the layers only when a stale chunk is 
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +26,9 @@ __all__ = ["ChunkCache", "LiveOverlay", "StoreClassView"]
 CACHE_BYTES = 192 * 2**20
 
 Box = tuple[int, int, int, int]
+
+#: Wait between two layers added (or reused): the viewer paints and handles input between.
+ADD_INTERVAL_MS = 30
 
 
 class ChunkCache:
@@ -281,6 +285,7 @@ class LiveOverlay:
         units = tuple(units or ())
         self._units = units if len(units) == 2 and all(units) else None
         self._layers: list[Any] = [None] * store.num_classes
+        self._reusable: dict[int, Any] = {}  # class -> a previous run's layer, swapped in turn
         old = {} if reuse is None else reuse._take()
         for k, name in enumerate(store.class_names):
             layer = old.pop(name, None)
@@ -289,13 +294,13 @@ class LiveOverlay:
                 and layer.multiscale == self._multiscale
                 and layer in viewer.layers
             ):
-                self._reuse(layer, k)
+                self._reusable[k] = layer
         for layer in old.values():  # classes of another model, or another kind of layer
             if layer in viewer.layers:
                 viewer.layers.remove(layer)
         self._timer = QTimer()
         self._timer.setSingleShot(True)
-        self._timer.setInterval(0)
+        self._timer.setInterval(ADD_INTERVAL_MS)
         self._timer.timeout.connect(self._add_next)
         self.show(shown)
         self._timer.start()
@@ -305,9 +310,13 @@ class LiveOverlay:
     @property
     def layers(self) -> list[Any]:
         """Every class layer, in class order (those still pending are added now)."""
+        self.complete()
+        return list(self._layers)
+
+    def complete(self) -> None:
+        """Add (or swap in) every layer still pending, now."""
         while self._add_next():
             pass
-        return list(self._layers)
 
     @property
     def added(self) -> list[Any]:
@@ -323,7 +332,9 @@ class LiveOverlay:
         """This overlay's layers by class name, for the next run's overlay (it owns them now)."""
         self.stop()
         taken = {layer.metadata[OUTPUT_KEY]["class"]: layer for layer in self.added}
-        self._layers = [None] * len(self._layers)
+        for k, layer in self._reusable.items():  # never swapped in: still the older run's
+            taken.setdefault(self.store.class_names[k], layer)
+        self._layers, self._reusable = [None] * len(self._layers), {}
         return taken
 
     def _views(self, k: int) -> Any:
@@ -342,12 +353,25 @@ class LiveOverlay:
         return name == self._shown or (self._shown == "all" and not is_background(name))
 
     def _reuse(self, layer: Any, k: int) -> None:
-        layer.metadata = self._metadata(k)
-        layer.scale, layer.translate = self._scale, self._translate
+        """Make a previous run's layer show class ``k`` of this run (sliced once, not per
+        attribute: napari's refresh is held until the data are swapped)."""
+        # Each attribute set emits events the viewer answers (extents, the layer list): only
+        # what differs is set.
+        wanted: dict[str, Any] = {
+            "scale": self._scale,
+            "translate": self._translate,
+            "contrast_limits": (0, 255 if self.store.dtype == np.uint8 else 1),
+            "visible": self._wanted(k),
+        }
         if self._units is not None:
-            layer.units = (*tuple(layer.units)[:-2], *self._units)
+            wanted["units"] = (*tuple(layer.units)[:-2], *self._units)
+        block = getattr(layer, "_block_refresh", None)
+        with block() if block is not None else contextlib.nullcontext():
+            layer.metadata = self._metadata(k)
+            for name, value in wanted.items():
+                if not np.array_equal(np.asarray(getattr(layer, name), dtype=object), value):
+                    setattr(layer, name, value)
         layer.data = self._views(k)
-        layer.contrast_limits = [0, 255 if self.store.dtype == np.uint8 else 1]
         self._layers[k] = layer
 
     def _add_next(self) -> bool:
@@ -358,6 +382,12 @@ class LiveOverlay:
         if not pending:
             return False
         k = min(pending, key=lambda k: (not self._wanted(k), k))
+        if len(pending) > 1:
+            self._timer.start()  # the next one on the next event-loop turn
+        reused = self._reusable.pop(k, None)
+        if reused is not None and reused in self._viewer.layers:
+            self._reuse(reused, k)
+            return True
         from napari.layers import Image
 
         layer = Image(
@@ -387,8 +417,6 @@ class LiveOverlay:
         finally:
             if activate is not None:
                 layers._activate_on_insert = activate
-        if len(pending) > 1:
-            self._timer.start()  # the next one on the next event-loop turn
         return True
 
     def _position(self, k: int) -> int:
