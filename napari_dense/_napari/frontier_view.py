@@ -94,6 +94,8 @@ class FrontierView(Container):
         self._figure = Figure(figsize=(4.2, 2.6), layout="constrained")
         self._canvas = FigureCanvasQTAgg(self._figure)
         self._canvas.setMinimumHeight(220)
+        # As wide as the dock gives (the figure's 4.2 in would widen it and clip the legend).
+        self._canvas.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self._axes = self._figure.add_subplot()
         self._axes.set_axis_off()
         plot = _holding(self._canvas)
