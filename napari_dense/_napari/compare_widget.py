@@ -18,7 +18,7 @@ from napari.qt.threading import FunctionWorker, create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QApplication, QTabWidget
 
-from napari_dense._napari.frontier_view import FrontierView
+from napari_dense._napari.frontier_view import FrontierView, _holding
 from napari_dense._napari.layers import image_data as _image_data
 from napari_dense._napari.layers import visible_box as _visible_box
 from napari_dense._napari.table import read_only_table, set_columns, set_rows
@@ -42,14 +42,6 @@ COLUMN_TIPS = (
     "largest |difference to advanced| over pixels and classes, in probabilities",
     "mean |difference to advanced| over pixels and classes, in probabilities",
 )
-
-
-def _holding(widget: Any) -> Container:
-    """A magicgui container holding one Qt widget."""
-    holder: Container = Container(labels=False)
-    holder.margins = (0, 0, 0, 0)
-    holder.native.layout().addWidget(widget)
-    return holder
 
 
 def _sig(value: float) -> str:
