@@ -73,11 +73,11 @@ def test_widget_probes_once_for_two_estimates_and_says_so(
 
     calls: list[str] = []
 
-    def fake_probe(dense, device):
-        calls.append(device)
+    def fake_probe(prepare):
+        calls.append("cpu")
         return 2e9
 
-    monkeypatch.setattr(_widget, "probe_rate", fake_probe)
+    monkeypatch.setattr(_widget, "probe_tile_rate", fake_probe)
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((600, 700, 3), np.float32), name="cells", rgb=True)
     widget = _widget.DenseInferenceWidget(viewer)
@@ -85,12 +85,54 @@ def test_widget_probes_once_for_two_estimates_and_says_so(
     widget.load_model(model_file)
     qtbot.waitUntil(lambda: "(probe)" in widget._estimate.value, timeout=60_000)
     widget._update_estimate()
-    widget._tile.value = 256  # another estimate, same model, sampling and device
+    widget._tile.value = 256  # another estimate, same model, sampling, device and image
     assert "(probe)" in widget._estimate.value
     assert calls == ["cpu"]
     plan = widget.plan()
-    expected = estimate.estimate_run(plan, 600 * 700, 256 * 256, "cpu", 2e9, halo=(32, 32))
+    expected = estimate.estimate_run(plan, 600 * 700, 256 * 256, "cpu", 2e9)  # output pixels
     assert expected.describe() in widget._estimate.value
+    viewer.add_image(np.zeros((300, 300, 3), np.float32), name="other", rgb=True)
+    widget._image.value = viewer.layers["other"]  # another image: probed again
+    qtbot.waitUntil(lambda: len(calls) == 2, timeout=60_000)
+
+
+def test_the_probe_times_one_real_tile_read_computed_and_written_with_its_pyramid(
+    tmp_path, monkeypatch
+) -> None:
+    import functools
+
+    from napari_dense.io.store import ProbabilityStore
+    from napari_dense.run.to_zarr import prepare_run
+
+    model = patchnet32(num_classes=2).eval()
+    image = np.random.default_rng(0).random((600, 700, 3), dtype=np.float32)
+    written: list[tuple[int, int, int, int]] = []
+    levels: list[int] = []
+    original = ProbabilityStore.write_tile
+
+    def recording(self, leading, box, probabilities):
+        written.append(tuple(box))
+        levels.append(self.pyramid_levels)
+        return original(self, leading, box, probabilities)
+
+    monkeypatch.setattr(ProbabilityStore, "write_tile", recording)
+    paths: list[Path] = []
+    prepare = functools.partial(
+        prepare_run, image, model, patch_size=32, channel_axis=-1, device="cpu", tile=256,
+        pyramid_levels="auto",
+    )  # fmt: skip
+
+    def scratch(path: Path):
+        paths.append(path)
+        return prepare(output=path)
+
+    rate = estimate.probe_tile_rate(scratch)
+    assert np.isfinite(rate) and rate > 0
+    assert len(written) == 2 and all(level >= 1 for level in levels)  # warm-up, then timed
+    y0, y1, x0, x1 = written[0]
+    assert y0 <= 300 < y1 and x0 <= 350 < x1  # the tile at the image's centre first
+    assert written[1] != written[0]
+    assert not paths[0].exists()  # the scratch store is removed
 
 
 def test_a_gui_run_uses_latency_sized_tiles(qtbot, make_napari_viewer, model_file, monkeypatch):

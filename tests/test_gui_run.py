@@ -175,6 +175,53 @@ def test_show_class_keeps_its_classes(qtbot, make_napari_viewer, model_file) -> 
     assert [layer.visible for layer in widget._output_layers] == [False, True, False]
 
 
+def test_a_second_run_reuses_the_output_layers(
+    qtbot, make_napari_viewer, model_file, tmp_path, answers
+) -> None:
+    model, _ = model_file
+    image = np.random.default_rng(2).random((48, 56), np.float32)
+    viewer = make_napari_viewer()
+    widget = _widget(viewer, model_file, image)
+    widget._output.value = tmp_path / "first.zarr"
+    widget.run()
+    _wait(qtbot, widget)
+    first = widget._output_layers
+    viewer.layers["grey"].data = image[::-1].copy()  # the same layer, another image
+    widget._output.value = tmp_path / "second.zarr"
+    widget.run()
+    _wait(qtbot, widget)
+    second = widget._output_layers
+    assert all(a is b for a, b in zip(first, second, strict=True))  # reused, not re-added
+    assert len(viewer.layers) == 1 + len(CLASSES)
+    expected = nd.predict(image[::-1].copy(), model, 15)
+    for k, layer in enumerate(second):
+        assert layer.metadata["napari_dense"]["store"] == str(tmp_path / "second.zarr")
+        np.testing.assert_allclose(np.asarray(layer.data), expected[k], atol=1e-5)
+
+
+def test_shown_layers_are_added_first_then_the_rest_in_class_order(
+    qtbot, make_napari_viewer, tmp_path
+) -> None:
+    from napari_dense._napari.overlay import LiveOverlay
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64), np.float32), name="grey")
+    store = ProbabilityStore.create(
+        tmp_path / "map.zarr", shape=(3, 64, 64), axes="cyx", chunks=32, class_names=CLASSES,
+        pyramid_levels=1,
+    )  # fmt: skip
+    inserted: list[str] = []
+    viewer.layers.events.inserted.connect(lambda event: inserted.append(event.value.name))
+    overlay = LiveOverlay(viewer, store, (1.0, 1.0), (0.0, 0.0), shown="background")
+    assert overlay.added == []  # nothing added on the call itself: one per event-loop turn
+    qtbot.waitUntil(lambda: len(overlay.added) == len(CLASSES), timeout=30_000)
+    names = [f"{name} (napari-dense)" for name in CLASSES]
+    assert inserted == [names[2], names[0], names[1]]  # the shown class first
+    assert [layer.name for layer in viewer.layers][1:] == names  # in class order
+    assert [layer.visible for layer in overlay.layers] == [False, False, True]
+    assert all(layer.multiscale and len(layer.data) == 2 for layer in overlay.layers)
+
+
 def test_long_model_information_wraps_and_the_dock_stays_narrow(
     qtbot, make_napari_viewer, tmp_path
 ) -> None:

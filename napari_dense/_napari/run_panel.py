@@ -3,7 +3,8 @@
 Nothing heavy runs on the GUI thread: the worker (:func:`napari_dense._napari.live_run.live_run`)
 converts the model, plans the tiles and creates the store, then computes tiles nearest the view.
 The GUI thread adds the multiscale class layers (:class:`napari_dense._napari.overlay.LiveOverlay`)
-when the worker says the store exists, and a timer refreshes them, throttled, only when a new
+when the worker says the store exists (one per event-loop turn, the shown ones first; the
+previous run's layers are reused), and a timer refreshes them, throttled, only when a new
 tile is in view. Closing the widget cancels its run; removing its input layer cancels it with a
 message.
 """
@@ -23,7 +24,13 @@ from qtpy.QtCore import QTimer
 
 from napari_dense._napari import output_dialog as _output_dialog
 from napari_dense._napari.layers import field_of_view_centre, image_data, level_transform
-from napari_dense._napari.live_run import Prepared, ViewFollower, live_run
+from napari_dense._napari.live_run import (
+    Prepared,
+    ViewFollower,
+    live_run,
+    run_device,
+    run_scheduler,
+)
 from napari_dense._napari.overlay import LiveOverlay
 from napari_dense._napari.workers import reporting_errors
 from napari_dense.evaluate.estimate import gui_tile_size
@@ -32,6 +39,9 @@ from napari_dense.run.to_zarr import prepare_run
 __all__ = ["REFRESH_MS", "RunPanel"]
 
 REFRESH_MS = 250  # throttle of the overlay refresh and the progress line during a run
+#: Most of the GUI thread's time the overlay's refreshes may take: after a refresh that took
+#: ``t``, the next waits at least ``t / REFRESH_SHARE`` (slow machines refresh less often).
+REFRESH_SHARE = 0.15
 
 
 class RunPanel:
@@ -59,6 +69,10 @@ class RunPanel:
         self._input_level = 0
         self._run_device, self._run_macs_per_pixel = "cpu", 0.0
         self._run_megapixels = 0.0
+        self._next_refresh = 0.0
+        # The bar's own text would make Qt repaint the window synchronously on each value
+        # (the canvas included, in the refresh's event-loop turn); the status line says it.
+        self._bar.native.setTextVisible(False)
         self._timer = QTimer()
         self._timer.setInterval(REFRESH_MS)
         self._timer.timeout.connect(self._refresh)
@@ -93,8 +107,7 @@ class RunPanel:
         if decision is None:
             return None
         output, overwrite, resume = decision
-        self._remove_output_layers()
-        self._store = None
+        self._store = None  # the previous run's layers stay until this run's reuse them
         prepare = functools.partial(
             prepare_run,
             image_data(layer, level),
@@ -102,7 +115,7 @@ class RunPanel:
             output,
             mode=self.mode(),  # type: ignore[attr-defined]
             channel_axis=-1 if layer.rgb else None,
-            device=self._device.value,  # type: ignore[attr-defined]
+            device=run_device(self._device.value),  # type: ignore[attr-defined]
             precision=self._precision.value,  # type: ignore[attr-defined]
             # Latency-sized tiles (first tile and Cancel within ~1 s); a resume keeps the store's.
             tile=(self._tile.value or None)  # type: ignore[attr-defined]
@@ -116,7 +129,8 @@ class RunPanel:
         )
         self._input_layer, self._input_level = layer, level
         self._follower.set(field_of_view_centre(self._viewer, layer, level))
-        self._generator = reporting_errors(live_run(prepare, self._follower))
+        scheduler = run_scheduler(self._device.value)  # type: ignore[attr-defined]
+        self._generator = reporting_errors(live_run(prepare, self._follower, scheduler))
         worker = create_worker(
             _passthrough,
             self._generator,
@@ -128,7 +142,7 @@ class RunPanel:
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._tiles_done = self._tiles_shown = self._tiles_total = 0
-        self._run_megapixels, self._first_tile = 0.0, 0.0
+        self._run_megapixels, self._first_tile, self._next_refresh = 0.0, 0.0, 0.0
         self._run_started = time.perf_counter()
         self._cancel_reason = ""
         self._set_running(True)
@@ -173,13 +187,6 @@ class RunPanel:
                 self._output.value = path  # type: ignore[attr-defined]
         return path, False, False
 
-    def _remove_output_layers(self) -> None:
-        if self._overlay is not None:
-            for old in self._overlay.layers:
-                if old in self._viewer.layers:
-                    self._viewer.layers.remove(old)
-            self._overlay = None
-
     # -- worker events (GUI thread) ------------------------------------------------------------
 
     def _on_yield(self, item: Any) -> None:
@@ -211,17 +218,23 @@ class RunPanel:
         self._store = prepared.store
         self._prepared_at, self._computed = time.perf_counter(), 0
         space = prepared.store.level_space(0)  # the input level's transform, as stored
-        self._overlay = LiveOverlay(self._viewer, prepared.store, space.scale, space.translation)
-        if all(space.units):
-            for added in self._overlay.layers:
-                added.units = (*tuple(added.units)[:-2], *space.units)
-        if self._gone():  # closed while the layers were added (that processes events)
+        # The previous run's layers are reused; new ones are added one per event-loop turn.
+        self._overlay = LiveOverlay(
+            self._viewer,
+            prepared.store,
+            space.scale,
+            space.translation,
+            space.units,
+            shown=self._class.value,  # type: ignore[attr-defined]
+            reuse=self._overlay,
+        )
+        if self._gone():  # closed meanwhile (reusing layers may process events)
+            self._overlay.stop()
             return
         self._tiles_total = prepared.total
         self._tiles_done = self._tiles_shown = prepared.done
         self._run_device = prepared.predictor.device.type
         self._run_macs_per_pixel = prepared.predictor.dense.plan.macs_per_pixel
-        self._overlay.show(self._class.value)  # type: ignore[attr-defined]
         self._bar.max, self._bar.value = max(prepared.total, 1), prepared.done
         self._status.value = f"running on {prepared.predictor.device} · {prepared.total} tiles" + (
             f" ({prepared.done} already done)" if prepared.done else ""
@@ -234,8 +247,11 @@ class RunPanel:
     def _refresh(self) -> None:
         if self._gone():
             return
-        if self._overlay is not None:
-            self._overlay.refresh()
+        now = time.perf_counter()
+        if self._overlay is not None and now >= self._next_refresh:
+            if self._overlay.refresh():
+                spent = time.perf_counter() - now
+                self._next_refresh = now + spent / REFRESH_SHARE
         if not self._tiles_total:
             return
         new = self._tiles_done - self._tiles_shown
@@ -245,6 +261,7 @@ class RunPanel:
         rate = self._run_megapixels / max(elapsed, 1e-9)
         remaining = (self._tiles_total - self._tiles_done) * elapsed / max(self._computed, 1)
         self._bar.value = self._tiles_done
+        self._bar.native.update()  # painted with the next frame, not now
         self._status.value = (
             f"tile {self._tiles_done}/{self._tiles_total} · {rate:.2f} Mpx/s · "
             f"ETA {remaining:.0f} s"
@@ -292,6 +309,7 @@ class RunPanel:
             elif not self._cancel_reason:
                 self._status.value = "not started (see the message)"
             if self._overlay is not None:
+                self._overlay.complete()  # a quick run may end before the hidden ones came
                 self._overlay.refresh(force=True)
         finally:  # the widget is usable again, whatever happened to the store meanwhile
             if self._activity is not None:
@@ -349,7 +367,9 @@ class RunPanel:
         self._closed = True
         try:
             self._timer.stop()
-        except RuntimeError:  # the timer went with the application
+            if self._overlay is not None:
+                self._overlay.stop()
+        except RuntimeError:  # the timers went with the application
             pass
         if self._worker is not None:
             self._worker.quit()

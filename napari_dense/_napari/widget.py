@@ -8,6 +8,7 @@ builds the controls and keeps the estimate.
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from collections.abc import Mapping
@@ -39,14 +40,17 @@ from napari_dense.convert import densify, explain
 from napari_dense.convert.plan import SAMPLINGS, DensePlan
 from napari_dense.errors import NapariDenseError
 from napari_dense.evaluate.estimate import (
+    RunEstimate,
     cached_probe,
     estimate_run,
     gui_tile_size,
     known_probe,
     probe_rate,
+    probe_tile_rate,
 )
 from napari_dense.io.sources import open_image
 from napari_dense.model_files import LoadedClassifier
+from napari_dense.run.to_zarr import prepare_run
 
 __all__ = ["DenseInferenceWidget", "dense_widget_of"]
 
@@ -70,9 +74,16 @@ def dense_widget_of(viewer: napari.viewer.Viewer) -> DenseInferenceWidget:
 
 
 def device_choices() -> list[str]:
-    """``auto``, each CUDA device, MPS where present, ``cpu``."""
+    """``auto``, each CUDA device, ``all GPUs`` with two or more, MPS where present, ``cpu``.
+
+    ``all GPUs`` runs over one dask worker per GPU (``--scheduler local-cuda``).
+    """
+    from napari_dense._napari.live_run import ALL_GPUS, all_gpus_available
+
     choices = ["auto"]
     choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if all_gpus_available():
+        choices.append(ALL_GPUS)
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         choices.append("mps")
@@ -103,7 +114,8 @@ class DenseInferenceWidget(RunPanel, Container):
         _WIDGETS[viewer] = self
         self._loaded: LoadedClassifier | None = None
         self._plans: dict[tuple[tuple[str, str], ...], DensePlan] = {}
-        self._probing: set[Any] = set()  # probe keys being measured (estimate.probe_rate)
+        self._probing: set[Any] = set()  # probe keys being measured (estimate.probe_tile_rate)
+        self.last_estimate: RunEstimate | None = None  # what the estimate line says
 
         self._image = ComboBox(label="image", choices=lambda _: input_layers(viewer))
         self._level = ComboBox(label="level", choices=self._level_choices, visible=False)
@@ -408,33 +420,59 @@ class DenseInferenceWidget(RunPanel, Container):
         device = self._device.value.split(":")[0]
         device = "cuda" if device == "auto" and torch.cuda.is_available() else device
         device = "cpu" if device == "auto" else device
-        measured = self._measured_rate.get(device)  # the last run's (tiles with their halo)
-        probed = None if measured else self._probed_rate(device)
+        measured = self._measured_rate.get(device)  # the last run's, per output pixel
+        probed = None if measured else self._probed_rate(layer, device)
         estimate = estimate_run(
-            plan,
-            height * width,
-            min(tile * tile, height * width),
-            device,
-            measured or probed,
-            halo=plan.patch_size if probed else (1, 1),
+            plan, height * width, min(tile * tile, height * width), device, measured or probed
         )
         source = "last run" if measured else "probe" if probed else "probing…"
+        self.last_estimate = estimate  # benchmarks compare it with the run
         self._estimate.value = f"{estimate.describe()} ({source})"
         self._estimate.native.setToolTip(estimate.describe())
 
-    def _probed_rate(self, device: str) -> float | None:
-        """The probe's rate for this model, sampling and device; measured once, in a worker."""
+    def _probed_rate(self, layer: Any, device: str) -> float | None:
+        """The probe's rate (output pixels) for this model, sampling, device and image: one
+        real tile of the run (:func:`~napari_dense.evaluate.estimate.probe_tile_rate`), measured
+        once, in a worker. An image the run would refuse (its error shows on Run) falls back to
+        the network alone on a random window."""
         assert self._loaded is not None
-        key = (self._loaded.sha256, _key(self.sampling()), device)
+        level = self.input_level()
+        data = image_data(layer, level)
+        key = (self._loaded.sha256, _key(self.sampling()), device, id(data), level)
         rate = known_probe(key)
         if rate is None and key not in self._probing:
             self._probing.add(key)
-            module, patch = self._loaded.module, self._loaded.metadata.patch_size
-            sampling = self.sampling()
+            loaded, sampling, tile = self._loaded, self.sampling(), gui_tile_size(self._tile.value)
+            try:
+                normalisation = self.normalisation()
+            except ValueError:  # said when the user presses Run
+                normalisation = None
+            prepare = functools.partial(
+                prepare_run,
+                data,
+                loaded,
+                mode=self.mode(),
+                channel_axis=-1 if layer.rgb else None,
+                device=device,
+                precision=self._precision.value,
+                tile=tile,
+                normalisation=normalisation,
+                pyramid_levels="auto",  # as a GUI run writes its tiles
+            )
+
+            def network_only() -> float:
+                dense = densify(loaded.module, loaded.metadata.patch_size, sampling=sampling)
+                (ph, pw) = dense.patch_size  # the probe counts windows: per output pixel here
+                return probe_rate(dense, device) * tile * tile / ((tile + ph - 1) * (tile + pw - 1))
+
+            def one_tile() -> float:
+                try:
+                    return probe_tile_rate(lambda path: prepare(output=path))
+                except Exception:  # the image or settings a run would refuse (said on Run)
+                    return network_only()
 
             def measure() -> float:
-                dense = lambda: densify(module, patch, sampling=sampling)  # noqa: E731
-                return cached_probe(key, lambda: probe_rate(dense(), device))
+                return cached_probe(key, one_tile)
 
             worker = create_worker(measure, _ignore_errors=True)
             worker.finished.connect(lambda: self._probing.discard(key))
