@@ -25,6 +25,7 @@ from napari_dense.model_files import (
     save_classifier,
 )
 from napari_dense.run.engine import iter_predict
+from napari_dense.run.options import RunOptions
 from napari_dense.run.predict import predict
 from napari_dense.run.to_zarr import predict_to_zarr
 
@@ -41,6 +42,7 @@ __all__ = [
     "ModelMetadata",
     "NapariDenseError",
     "PatchSizeError",
+    "RunOptions",
     "StridingLayer",
     "UnsupportedLayerError",
     "__version__",

@@ -14,6 +14,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,18 @@ def _parse_sampling(text: str) -> str | dict[str, str]:
     return {name.strip(): aliases.get(value.strip(), value.strip()) for name, value in pairs}
 
 
+def _run_options(args: argparse.Namespace, **from_model: Any) -> Any:
+    """The :class:`~napari_dense.RunOptions` of a subcommand's arguments (the one place the
+    CLI builds them); ``from_model``: what the model file says (normalisation, activation)."""
+    from napari_dense.run.options import RunOptions
+
+    names = [name for name in RunOptions.__dataclass_fields__ if hasattr(args, name)]
+    given = {name: getattr(args, name) for name in names}
+    if "=" in given.get("mode", ""):
+        given["mode"] = _parse_sampling(given["mode"])
+    return RunOptions(**given, **from_model)
+
+
 def _plan_of(model: Any, patch: Any, sampling: Any) -> Any:
     from napari_dense.convert import explain
 
@@ -110,20 +123,11 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             model,
             args.output,
             patch_size=args.patch or patch,
-            mode=_parse_sampling(args.mode) if "=" in args.mode else args.mode,
-            channel_axis=args.channel_axis,
-            level=args.level,
-            device=args.device,
-            precision=args.precision,
-            border=args.border,
-            tile=args.tile,
-            dtype=args.dtype,
+            options=_run_options(args),
             overwrite=args.overwrite,
             resume=args.resume,
             pyramid_levels=args.pyramid,
             scheduler=args.scheduler,
-            compile=args.compile,
-            non_finite=args.non_finite,
             on_tile=progress,
         )
     except KeyboardInterrupt:
@@ -173,16 +177,14 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     image = _read_region(args.image, channels, args.region, args.channel_axis)
     module = getattr(model, "module", model)
     metadata = getattr(model, "metadata", None)
-    comparison = compare_modes(
-        image,
-        module,
-        args.patch or patch,
-        channel_axis=0,
-        device=args.device,
+    options = _run_options(
+        args,
         normalisation=metadata.normalisation if metadata is not None else None,
         # |Δ| in probabilities, as the overlay shows them; built-in nets have no activation.
         activation=_activation_of(metadata),
-        non_finite=args.non_finite,
+    )
+    comparison = compare_modes(
+        image, module, args.patch or patch, options=replace(options, channel_axis=0)
     )
     print(comparison.to_markdown())
 
@@ -220,19 +222,20 @@ def _cmd_frontier(args: argparse.Namespace) -> None:
         bar.set_postfix_str(row.label)
         bar.update(1)
 
+    options = _run_options(
+        args,
+        normalisation=metadata.normalisation if metadata is not None else None,
+        activation=activation,
+    )
     try:
         result = frontier(
             module,
             image,
             patch,
-            channel_axis=0,
-            normalisation=metadata.normalisation if metadata is not None else None,
-            activation=activation,
-            device=args.device,
+            options=replace(options, channel_axis=0),  # the region is read as (C, Y, X)
             repeats=args.repeats,
             max_exhaustive=args.max_exhaustive,
             progress=progress,
-            non_finite=args.non_finite,
         )
     finally:
         bar.close()

@@ -205,15 +205,17 @@ def test_normalisation_and_activation(grey_model) -> None:
     np.testing.assert_allclose(out.sum(0), 1, atol=1e-5)
     # Interpolated modes: interpolated scores, then softmax, in predict as in the engine.
     for mode in ("simple", "checkered"):
+        options = nd.RunOptions(mode=mode, activation="softmax")
         tiled = assemble(
-            iter_predict(image, grey_model, 15, mode=mode, normalisation=norm,
-                         activation="softmax", tile=16),
+            iter_predict(image, grey_model, 15, options=options, normalisation=norm, tile=16),
             (3, 30, 30),
-        )  # fmt: skip
-        whole = nd.predict((image / 255 - 0.5) / 0.25, grey_model, 15, mode=mode,
-                           activation="softmax")  # fmt: skip
+        )
+        whole = nd.predict((image / 255 - 0.5) / 0.25, grey_model, 15, options=options)
         np.testing.assert_allclose(tiled, whole, atol=TILED_ATOL)
         np.testing.assert_allclose(whole.sum(0), 1, atol=1e-5)
+        # predict applies the same normalisation (one implementation) to the raw image.
+        raw = nd.predict(image, grey_model, 15, options=options, normalisation=norm)
+        np.testing.assert_allclose(raw, whole, atol=1e-6)
 
 
 def test_bfloat16_stays_close_to_float32(rgb_model) -> None:
@@ -235,7 +237,7 @@ def test_bad_engine_arguments(grey_model) -> None:
         open_image(np.zeros((5, 20, 20)), channels=3)
     with pytest.raises(nd.InputError, match="image file not found"):
         next(iter_predict("/nonexistent/image.tif", grey_model, 15))
-    with pytest.raises(nd.InputError, match="activation must be one of"):
+    with pytest.raises(nd.InputError, match="activation must be 'softmax', 'sigmoid' or None"):
         next(iter_predict(np.zeros((20, 20)), grey_model, 15, activation="relu"))
 
 

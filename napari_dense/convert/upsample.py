@@ -17,15 +17,38 @@ Two steps, both exact at computed samples:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from napari_dense.errors import InputError
 
-__all__ = ["activate", "fill_pattern", "upsample_lattice"]
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "activate",
+    "check_activation",
+    "fill_pattern",
+    "upsample_lattice",
+]
 
 Pattern = Sequence[Sequence[bool]]
+#: What turns class scores into probabilities: the one table (model files, runs, frontier).
+Activation = Literal["softmax", "sigmoid", "none"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+
+
+def check_activation(activation: str | None) -> str:
+    """``activation`` if it is one of :data:`ACTIVATIONS` (None: ``"none"``); raise otherwise."""
+    if activation is None:
+        return "none"
+    if activation not in ACTIVATIONS:
+        named = ", ".join(repr(name) for name in ACTIVATIONS if name != "none")
+        raise InputError(
+            f"activation must be {named} or None ('none': the network's scores), got {activation!r}"
+        )
+    return activation
 
 
 def activate(samples: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -36,12 +59,11 @@ def activate(samples: torch.Tensor, activation: str | None) -> torch.Tensor:
     class of fewer pixels than interpolating probabilities (demo model, first pool checkered,
     second densified: 1.38 % vs 1.60 % of pixels against advanced; mean |Δp| 0.009 vs 0.014).
     """
+    activation = check_activation(activation)
     if activation == "softmax":
         return torch.softmax(samples, dim=1)
     if activation == "sigmoid":
         return torch.sigmoid(samples)
-    if activation not in (None, "none"):
-        raise InputError(f"activation must be 'softmax', 'sigmoid' or None, got {activation!r}")
     return samples
 
 

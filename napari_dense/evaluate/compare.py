@@ -22,9 +22,17 @@ from napari_dense.evaluate.reference import patchwise
 from napari_dense.io.image import as_batch, normalise
 from napari_dense.run._memory import PeakMemory
 from napari_dense.run.device import resolve_device
-from napari_dense.run.predict import predict, sampling_of_mode
+from napari_dense.run.options import RunOptions, sampling_of_mode
+from napari_dense.run.predict import predict
 
-__all__ = ["HOST_MEMORY", "HeapPeak", "ModeComparison", "ModeResult", "compare_modes"]
+__all__ = [
+    "COMPARE_OPTIONS",
+    "HOST_MEMORY",
+    "HeapPeak",
+    "ModeComparison",
+    "ModeResult",
+    "compare_modes",
+]
 
 DEFAULT_MODES: tuple[str, ...] = ("simple", "shift-and-stitch", "advanced")
 
@@ -100,52 +108,53 @@ class ModeComparison:
         return {k: v for k, v in asdict(self).items() if k != "difference"}
 
 
+#: The run options a comparison applies (every mode runs in memory, on the whole image).
+COMPARE_OPTIONS = frozenset(
+    {"channel_axis", "device", "border", "normalisation", "non_finite", "activation"}
+)
+
+
 def compare_modes(
     image: Any,
     model: nn.Module,
     patch_size: int | tuple[int, int],
     *,
     modes: Sequence[str | Mapping[str, str]] = DEFAULT_MODES,
-    channel_axis: int | None = None,
-    device: str | torch.device = "auto",
-    border: str = "reflect",
-    normalisation: Mapping[str, Any] | None = None,
     oracle_pixels: int = 500,
     seed: int = 0,
-    non_finite: str = "refuse",
-    activation: str | None = None,
+    options: RunOptions | None = None,
+    **keywords: Any,
 ) -> ModeComparison:
     """Run each mode on ``image`` and compare it with advanced (exact) mode.
 
     Parameters
     ----------
-    image, model, patch_size, channel_axis, device, border
+    image, model, patch_size
         As in :func:`napari_dense.predict`.
     modes
         ``"simple"``, ``"advanced"``, ``"shift-and-stitch"`` or sampling mappings (custom).
         Advanced is always run (it is the reference) and listed last if not named.
-    normalisation
-        ``{"scale", "mean", "std"}`` of the model (as in its metadata): every mode and the
-        oracle see ``(x * scale - mean) / std`` per channel, as the engine feeds the network.
     oracle_pixels
         Random pixels on which advanced is checked against :func:`reference.patchwise`.
-    non_finite
-        NaN/infinite pixels: ``"refuse"`` or ``"zero"`` (:mod:`napari_dense.io.input_checks`).
-    activation
-        The model's activation (``"softmax"``, ``"sigmoid"``; its metadata's): applied to every
-        mode's output and to the oracle before the differences, so |Δ| is in probabilities.
-        None (or ``"none"``): the differences are in class scores.
+    seed
+        Of the random oracle pixels.
+    options, **keywords
+        The run options (:class:`napari_dense.RunOptions`) a comparison applies:
+        ``channel_axis``, ``device``, ``border``, ``non_finite``, ``normalisation`` (every
+        mode and the oracle see the normalised image, as the engine feeds the network) and
+        ``activation`` (applied to every mode's output and to the oracle before the
+        differences, so |Δ| is in probabilities; None or ``"none"``: in class scores).
 
     Host memory is each mode's own peak heap use (:class:`HeapPeak`: glibc's in-use bytes,
     numpy's and torch's CPU allocations alike, plus tracemalloc's numpy peak), not the
     process's RSS growth (0 where freed memory is reused).
     """
-    target = resolve_device(device)
-    batch = as_batch(image, channel_axis=channel_axis, channels=None, non_finite=non_finite)
-    image_chw = normalise(batch[0], normalisation)
+    run = RunOptions.merge(options, used=COMPARE_OPTIONS, caller="compare_modes", **keywords)
+    target, border, activation = resolve_device(run.device), run.border, run.activation
+    batch = as_batch(image, channel_axis=run.channel_axis, channels=None, non_finite=run.non_finite)
+    image_chw = normalise(batch[0], run.normalisation)
     megapixels = image_chw.shape[-2] * image_chw.shape[-1] / 1e6
     ordered = [m for m in modes if m != "advanced"] + ["advanced"]
-    activate(torch.zeros(1, 1, 1, 1), activation)  # an unknown activation fails before any run
     outputs: dict[str, tuple[np.ndarray, tuple[int, int], float, Any, Any]] = {}
     for number, mode in enumerate(ordered):
         name = mode if isinstance(mode, str) else f"custom {number}"

@@ -10,7 +10,15 @@ import numpy as np
 from napari_dense.errors import InputError
 from napari_dense.io.input_checks import handle_non_finite
 
-__all__ = ["BORDER_MODES", "as_batch", "normalise", "pad_border"]
+__all__ = [
+    "BORDER_MODES",
+    "as_batch",
+    "guess_channel_axis",
+    "normalisation_constants",
+    "normalise",
+    "pad_border",
+    "scale_shift",
+]
 
 # predict's border names -> numpy.pad modes
 BORDER_MODES = {"reflect": "reflect", "constant": "constant", "edge": "edge"}
@@ -46,8 +54,12 @@ def as_batch(
             raise InputError("channel_axis was given but the image is 2-D (H, W)")
         array = array[None]
     elif array.ndim == 3:
-        axis = channel_axis if channel_axis is not None else _guess_channel_axis(array, channels)
-        array = np.moveaxis(array, axis, 0)
+        axis = (
+            channel_axis if channel_axis is not None else guess_channel_axis(array.shape, channels)
+        )
+        if axis is None and array.shape[0] != 1:  # a one-channel model, no axis of size one
+            raise _channel_mismatch(1, "no axis of size 1 first or last", array.shape)
+        array = np.moveaxis(array, axis or 0, 0)
     else:
         raise InputError(
             f"expected a 2-D (H, W) or 3-D (H, W, C) / (C, H, W) image, got shape {array.shape}; "
@@ -59,14 +71,33 @@ def as_batch(
     return handle_non_finite(batch, non_finite)
 
 
-def _guess_channel_axis(array: np.ndarray, channels: int | None) -> int:
+def guess_channel_axis(shape: tuple[int, ...], channels: int | None) -> int | None:
+    """The channel axis of an image with 3 or more axes, when neither the caller nor the file
+    names it: the one rule for arrays, files and napari layers.
+
+    The last axis, or the one before (Y, X), whose size is ``channels``; for a one-channel
+    model without such an axis None (every axis before (Y, X) is then a Z/T axis). Without a
+    channel count: the last axis when it has at most 4 entries (RGB(A)), else the one before
+    (Y, X). Returns a non-negative axis, or None.
+
+    Raises
+    ------
+    InputError
+        A model of ``channels > 1`` channels and no such axis (the fix: ``channel_axis=``).
+    """
+    last, before = len(shape) - 1, len(shape) - 3
     if channels is None:
-        return -1 if array.shape[-1] <= 4 else 0
-    if array.shape[-1] == channels:
-        return -1
-    if array.shape[0] == channels:
-        return 0
-    raise _channel_mismatch(channels, "neither on the first nor on the last axis", array.shape)
+        return last if shape[-1] <= 4 else before
+    if shape[-1] == channels:
+        return last
+    if shape[-3] == channels and channels > 1:
+        return before
+    if channels == 1:
+        return None
+    raise InputError(
+        f"the model expects {channels} channel(s) but no axis of the image {tuple(shape)} next "
+        "to (Y, X) has that size; pass channel_axis=... (CLI: --channel-axis) or convert the image"
+    )
 
 
 def _channel_mismatch(channels: int, found: str, shape: tuple[int, ...]) -> InputError:
@@ -94,11 +125,32 @@ def pad_border(
     return np.pad(batch, width, mode=BORDER_MODES[border])  # type: ignore[call-overload]
 
 
-def normalise(image_chw: np.ndarray, normalisation: Mapping[str, Any] | None) -> np.ndarray:
-    """``(x * scale - mean[c]) / std[c]`` of a ``(C, H, W)`` float image (model metadata)."""
+def normalisation_constants(
+    normalisation: Mapping[str, Any] | None, channels: int
+) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """``(scale, mean, std)`` of a model's normalisation, mean and std float32 ``(C', 1, 1)``
+    with ``C'`` 1 or ``channels``; None without one (nothing to apply)."""
     if not normalisation:
-        return image_chw
+        return None
     scale = float(normalisation.get("scale", 1.0))
     mean = np.asarray(normalisation.get("mean", 0.0), dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(normalisation.get("std", 1.0), dtype=np.float32).reshape(-1, 1, 1)
-    return ((image_chw * scale - mean) / std).astype(np.float32)
+    if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels):
+        raise InputError(
+            f"normalisation mean/std must have 1 or {channels} values (one per channel of the "
+            f"image), got {mean.shape[0]} and {std.shape[0]}"
+        )
+    return scale, mean, std
+
+
+def scale_shift(x: Any, scale: float, mean: Any, std: Any) -> Any:
+    """``(x * scale - mean) / std``: the normalisation, on numpy arrays and torch tensors."""
+    return (x * scale - mean) / std
+
+
+def normalise(image_chw: np.ndarray, normalisation: Mapping[str, Any] | None) -> np.ndarray:
+    """``(x * scale - mean[c]) / std[c]`` of a ``(C, H, W)`` float image (model metadata)."""
+    constants = normalisation_constants(normalisation, image_chw.shape[0])
+    if constants is None:
+        return image_chw
+    return scale_shift(image_chw, *constants).astype(np.float32)

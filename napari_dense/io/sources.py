@@ -15,6 +15,7 @@ import dask.array as da
 import numpy as np
 
 from napari_dense.errors import InputError
+from napari_dense.io.image import guess_channel_axis
 from napari_dense.io.physical import PhysicalSpace, from_ome_zarr, from_tiff
 
 __all__ = ["ImageSource", "open_image", "unreadable_error"]
@@ -199,22 +200,6 @@ def _validation_reason(message: str) -> str:
     return (lines[0] if lines else message)[:200]
 
 
-def _guess_channel_axis(shape: tuple[int, ...], channels: int | None) -> int | None:
-    """Channel axis of an image with ≥ 3 axes, from the model's channel count."""
-    if channels is None:
-        return len(shape) - 1 if shape[-1] <= 4 else len(shape) - 3
-    if channels > 1 and shape[-1] == channels:
-        return len(shape) - 1
-    if shape[-3] == channels and channels > 1:
-        return len(shape) - 3
-    if channels == 1:
-        return None  # every axis before (Y, X) is a Z/T axis
-    raise InputError(
-        f"the model expects {channels} channel(s) but no axis of the image {shape} next to "
-        f"(Y, X) has that size; pass channel_axis=... (CLI: --channel-axis) or convert the image"
-    )
-
-
 def open_image(
     image: Any,
     *,
@@ -236,8 +221,8 @@ def open_image(
         Channels the model expects; used to find the channel axis when not given.
     channel_axis
         Axis of the channels as stored (negative counts from the end). OME-Zarr metadata
-        provides it; otherwise it is inferred: the last axis, or the one before (Y, X), whose
-        size equals ``channels``; 2-D images and one-channel models without such an axis get one.
+        provides it; otherwise :func:`napari_dense.io.image.guess_channel_axis` (the one rule);
+        2-D images and one-channel models without such an axis get one.
     level
         Resolution level of an OME-Zarr or pyramidal TIFF (0 = full resolution).
     """
@@ -269,7 +254,7 @@ def open_image(
                 f"of the image {shape}"
             )
     else:
-        axis = _guess_channel_axis(shape, channels)
+        axis = guess_channel_axis(shape, channels)
     if axis is None:
         array = array[..., None, :, :]
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Self, get_args
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -23,6 +23,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
+from napari_dense.convert.upsample import ACTIVATIONS, Activation
 from napari_dense.model_files.errors import ModelFileError
 from napari_dense.model_files.messages import one_line
 
@@ -39,8 +40,6 @@ __all__ = [
 #: The name of the metadata entry embedded in ``.pt2`` files.
 METADATA_ENTRY = "napari_dense.json"
 FORMAT_VERSION = 1
-Activation = Literal["softmax", "sigmoid", "none"]
-ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 _CONFIG = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 

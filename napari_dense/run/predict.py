@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from napari_dense.convert import SamplingSpec, densify
+from napari_dense.convert import densify
 from napari_dense.convert.dense import DenseClassifier
 from napari_dense.convert.geometry import border_padding
 from napari_dense.convert.upsample import activate, upsample_lattice
 from napari_dense.errors import InputError
-from napari_dense.io.image import as_batch, pad_border
+from napari_dense.io.image import as_batch, normalise, pad_border
 from napari_dense.run.device import resolve_device
+from napari_dense.run.options import MODES, RunOptions, sampling_of_mode
 
-__all__ = ["MODES", "predict", "sampling_of_mode", "upsample_lattice"]
+__all__ = ["MODES", "PREDICT_OPTIONS", "predict", "sampling_of_mode", "upsample_lattice"]
 
-MODES = {"advanced": "all", "checkered": "checkered", "simple": "none"}
-
-
-def sampling_of_mode(mode: str | Mapping[str, str]) -> SamplingSpec:
-    """``"advanced"`` -> ``"all"``, ``"checkered"`` -> ``"checkered"``, ``"simple"`` ->
-    ``"none"``; mappings pass through."""
-    if isinstance(mode, Mapping):
-        return mode
-    if mode not in MODES:
-        raise InputError(
-            f"mode must be 'advanced', 'checkered', 'simple' or a sampling mapping, got {mode!r}"
-        )
-    return MODES[mode]
+#: The run options the in-memory path applies (it has no tiles, levels, precision or store).
+PREDICT_OPTIONS = frozenset(
+    {"mode", "channel_axis", "device", "border", "interpolation", "normalisation"}
+    | {"activation", "non_finite"}
+)
 
 
 def predict(
@@ -39,13 +31,8 @@ def predict(
     model: nn.Module,
     patch_size: int | tuple[int, int] | None = None,
     *,
-    mode: str | Mapping[str, str] = "advanced",
-    channel_axis: int | None = None,
-    device: str | torch.device = "auto",
-    border: str = "reflect",
-    interpolation: str = "bilinear",
-    activation: str | None = None,
-    non_finite: str = "refuse",
+    options: RunOptions | None = None,
+    **keywords: Any,
 ) -> np.ndarray:
     """The classifier's output at every pixel of ``image``.
 
@@ -59,26 +46,13 @@ def predict(
         and ``patch_size`` are then ignored).
     patch_size
         ``Ph`` or ``(Ph, Pw)``; required for a patch classifier.
-    mode
-        ``"advanced"`` (every layer densified: exact at every pixel), ``"simple"`` (fully
-        convolutional, interpolated between exact lattice samples), ``"checkered"`` (every
-        layer at half its phases: exact at more pixels, interpolated between them) or a
-        sampling mapping ``{layer: "all" | "checkered" | "none"}``.
-    channel_axis
-        Channel axis of a 3-D image (inferred from the model's channels when None).
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-    border
-        How the image is extended so border pixels get a full patch: ``"reflect"``, ``"edge"``,
-        ``"constant"`` (zeros).
-    interpolation
-        Between lattice samples when ``output_stride > 1``: ``"bilinear"`` or ``"nearest"``.
-    activation
-        ``"softmax"`` (over classes) or ``"sigmoid"`` turns the interpolated scores into
-        probabilities, as the engine does; None returns the network's scores.
-    non_finite
-        NaN/infinite pixels: ``"refuse"`` (an error naming this option) or ``"zero"`` (read as
-        0), as everywhere (:mod:`napari_dense.io.input_checks`).
+    options, **keywords
+        The run options (:class:`napari_dense.RunOptions`) this path applies, as a
+        ``RunOptions`` and/or keywords: ``mode`` (``"advanced"``: exact at every pixel,
+        ``"simple"``, ``"checkered"`` or a per-layer mapping), ``channel_axis`` (of a 3-D
+        image), ``device``, ``border``, ``interpolation``, ``normalisation`` (applied before
+        the network, as the engine does), ``activation`` (None or ``"none"``: the network's
+        scores) and ``non_finite``. Others (``tile``, ``precision``, ...) are refused by name.
 
     Returns
     -------
@@ -89,18 +63,18 @@ def predict(
         interpolated between them; with checkered layers, the pixels of ``plan.sample_pattern``
         are exact and the rest interpolated (:mod:`napari_dense.convert.upsample`).
     """
-    if interpolation not in ("bilinear", "nearest"):
-        raise InputError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
+    run = RunOptions.merge(options, used=PREDICT_OPTIONS, caller="predict", **keywords)
     if isinstance(model, DenseClassifier):
         dense = model
     else:
         if patch_size is None:
             raise InputError("patch_size is required to convert a patch classifier")
-        dense = densify(model, patch_size, sampling=sampling_of_mode(mode))
-    target = resolve_device(device)
+        dense = densify(model, patch_size, sampling=run.sampling)
+    target = resolve_device(run.device)
     batch = as_batch(
-        image, channel_axis=channel_axis, channels=dense.in_channels, non_finite=non_finite
+        image, channel_axis=run.channel_axis, channels=dense.in_channels, non_finite=run.non_finite
     )
+    batch = normalise(batch[0], run.normalisation)[None]
     height, width = batch.shape[-2:]
     (ph, pw), (ty, tx) = dense.patch_size, dense.period
     cells = dense.sample_pattern is not None  # filled cell by cell: sample whole cells
@@ -108,13 +82,13 @@ def predict(
         batch,
         border_padding(height, ph, ty, whole_cells=cells),
         border_padding(width, pw, tx, whole_cells=cells),
-        border,
+        run.border,
     )
     dense = dense.to(target).eval()
     with torch.inference_mode():
         samples = dense(torch.from_numpy(padded).to(target))
         out = upsample_lattice(
-            samples, dense.output_stride, (height, width), interpolation, dense.sample_pattern
+            samples, dense.output_stride, (height, width), run.interpolation, dense.sample_pattern
         )
-        out = activate(out, activation)
+        out = activate(out, run.activation)
     return out[0].float().cpu().numpy()

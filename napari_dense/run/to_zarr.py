@@ -6,8 +6,9 @@ import datetime as _dt
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ import torch
 
 from napari_dense.errors import InputError
 from napari_dense.io.store import ProbabilityStore, auto_pyramid_levels, resolve_space
-from napari_dense.io.store._checks import check_dtype
 from napari_dense.run.engine import MemoryCheck, TiledPredictor, TileResult, make_predictor
 from napari_dense.run.fingerprint import (
     FINGERPRINT_KEY,
@@ -23,7 +23,7 @@ from napari_dense.run.fingerprint import (
     image_identity,
     run_fingerprint,
 )
-from napari_dense.run.predict import sampling_of_mode
+from napari_dense.run.options import RunOptions
 
 __all__ = ["iter_into_store", "predict_to_zarr", "prepare_run", "remaining_tasks"]
 
@@ -41,30 +41,19 @@ def prepare_run(
     output: str | Path,
     *,
     patch_size: int | tuple[int, int] | None = None,
-    mode: str | Mapping[str, str] = "advanced",
-    channel_axis: int | None = None,
-    level: int = 0,
-    device: str | torch.device = "auto",
-    precision: str = "auto",
-    border: str = "reflect",
-    interpolation: str = "bilinear",
-    tile: int | tuple[int, int] | None = None,
-    memory_budget: int | None = None,
-    normalisation: Mapping[str, Any] | None = None,
-    activation: str | None = None,
-    class_names: list[str] | None = None,
-    dtype: str = "float32",
+    options: RunOptions | None = None,
     overwrite: bool = False,
     resume: bool = False,
     memory_check: MemoryCheck | None = None,
-    compile: bool = False,
-    non_finite: str = "refuse",
     pyramid_levels: int | str = 0,
     protect: Sequence[str | os.PathLike[str]] = (),
     space: Any = None,
+    **keywords: Any,
 ) -> tuple[TiledPredictor, ProbabilityStore]:
     """Open the image, convert the model, plan the tiles and create (or reopen) the store.
 
+    The run options come as ``options`` and/or keywords (:class:`napari_dense.RunOptions`;
+    ``dtype`` is what the store holds, and what the device returns).
     The store holds its writer lock (released by :func:`iter_into_store` when it stops, or by
     ``store.finalize()``). ``pyramid_levels`` (``N`` or ``"auto"``) makes a new store's pyramid
     levels at once, filled as tiles land; a resumed store keeps its own. ``protect``: more
@@ -90,19 +79,14 @@ def prepare_run(
     InputError
         Anything else the user can fix (also resume onto a file or onto the input).
     """
+    run = RunOptions.merge(options, caller="prepare_run", **keywords)
     if overwrite and resume:
         raise InputError("choose either overwrite or resume, not both")
-    dtype = check_dtype(dtype).name  # refused here, in the store's words, before any work
-    if resume and tile is None:
+    if resume and run.tile is None:
         # The automatic tile size depends on free memory: a resume keeps the run's tiles.
-        tile = _tile_of(Path(output))
-    predictor = make_predictor(
-        image, model, patch_size, mode=mode, channel_axis=channel_axis, level=level,
-        normalisation=normalisation, activation=activation, class_names=class_names,
-        device=device, precision=precision, border=border, interpolation=interpolation,
-        tile=tile, memory_budget=memory_budget, memory_check=memory_check, compile=compile,
-        non_finite=non_finite, output_dtype=dtype,  # the device returns what the store holds
-    )  # fmt: skip
+        run = replace(run, tile=_tile_of(Path(output)))
+    # The device returns what the store holds (run.dtype).
+    predictor = make_predictor(image, model, patch_size, options=run, memory_check=memory_check)
     setup, source = predictor.setup, predictor.source
     if len(source.leading_shape) > 2:
         raise InputError(
@@ -118,20 +102,20 @@ def prepare_run(
         model_file_sha256=setup.provenance.get("model_sha256"),
         patch_size=setup.dense.patch_size,
         sampling=setup.dense.plan.sampling,
-        border=border,
-        interpolation=interpolation,
+        border=run.border,
+        interpolation=run.interpolation,
         normalisation=setup.normalisation,
         activation=setup.activation,
         precision=predictor.precision,  # resolved: "auto" may mean bfloat16 or float32
-        non_finite=non_finite,
-        dtype=dtype,
+        non_finite=run.non_finite,
+        dtype=run.dtype,
         tile=predictor.plan.tile_shape,
         class_names=setup.class_names,
         output_shape=shape,
         image=image_identity(
-            source.array, path=source.path, source_shape=source.source_shape, level=level
+            source.array, path=source.path, source_shape=source.source_shape, level=run.level
         ),
-    )  # fmt: skip
+    )
     if resume and (path.exists() or path.is_symlink()):
         return predictor, _reopen(path, fingerprint, guarded)
     dense = setup.dense
@@ -140,7 +124,7 @@ def prepare_run(
         **setup.provenance,
         "package_version": _version(),
         "patch_size": list(dense.patch_size),
-        "mode": mode if isinstance(mode, str) else "custom",
+        "mode": run.mode_name,
         "sampling": dense.plan.sampling,
         "output_stride": list(dense.output_stride),
         "exact": dense.exact,
@@ -148,15 +132,15 @@ def prepare_run(
         "device": str(predictor.device),
         "device_name": _device_name(predictor.device),
         "precision": predictor.precision,  # resolved ("auto": bfloat16 on CUDA, else float32)
-        "compiled": compile,
-        "border": border,
-        "interpolation": interpolation,
-        "non_finite": non_finite,
+        "compiled": run.compile,
+        "border": run.border,
+        "interpolation": run.interpolation,
+        "non_finite": run.non_finite,
         "normalisation": dict(setup.normalisation) if setup.normalisation else None,
         "activation": setup.activation,
         "source_path": source.path,
         "source_shape": list(source.source_shape),
-        "source_level": level,
+        "source_level": run.level,
         "space": world.as_dict(),
         "started": _now(),
         "complete": False,
@@ -168,7 +152,7 @@ def prepare_run(
         axes=axes,
         chunks=predictor.plan.tile_shape,
         class_names=list(setup.class_names),
-        dtype=dtype,
+        dtype=run.dtype,
         overwrite=overwrite,
         attributes=provenance,
         protect=guarded,
@@ -276,7 +260,8 @@ def predict_to_zarr(
     on_tile: Callable[[TileResult], None] | None = None,
     pyramid_levels: int | str | None = None,
     scheduler: str | None = None,
-    **options: Any,
+    options: RunOptions | None = None,
+    **keywords: Any,
 ) -> ProbabilityStore:
     """Predict ``image`` into an OME-Zarr probability map at ``output``.
 
@@ -297,13 +282,11 @@ def predict_to_zarr(
     scheduler
         ``None`` (this process), ``"local:N"`` (a local dask cluster of N worker processes) or
         the address of a dask scheduler (``"tcp://host:8786"``): tiles become tasks.
-    **options
-        ``patch_size``, ``mode``, ``channel_axis``, ``level``, ``device``, ``precision``,
-        ``border``, ``interpolation``, ``tile``, ``memory_budget``, ``normalisation``,
-        ``activation``, ``class_names``, ``dtype`` (``"float32"``, ``"float16"``, ``"uint8"``),
-        ``overwrite``, ``resume``, ``compile`` (``torch.compile`` the network once per run),
-        ``non_finite`` (``"refuse"`` NaN/infinite pixels, or read them as ``"zero"``),
-        ``space`` (pixel size, translation, units of an in-memory array; see :func:`prepare_run`).
+    options, **keywords
+        The run options (:class:`napari_dense.RunOptions`, as a ``RunOptions`` and/or as
+        keywords; ``dtype``: ``"float32"``, ``"float16"`` or ``"uint8"``), and those of
+        :func:`prepare_run`: ``patch_size``, ``overwrite``, ``resume``, ``protect``, ``space``
+        (pixel size, translation, units of an in-memory array).
 
     Returns
     -------
@@ -311,10 +294,8 @@ def predict_to_zarr(
         The finished store. Interrupted (Ctrl-C, closed GUI, crash), it stays incomplete and
         resumable: every tile written so far is kept and recorded.
     """
-    if "mode" in options:
-        sampling_of_mode(options["mode"])  # fail early on a bad mode
     predictor, store = prepare_run(
-        image, model, output, pyramid_levels=pyramid_levels or 0, **options
+        image, model, output, options=options, pyramid_levels=pyramid_levels or 0, **keywords
     )
     try:
         tasks = remaining_tasks(predictor, store)
