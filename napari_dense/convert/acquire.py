@@ -199,11 +199,15 @@ def _exported_graph(model: ExportedProgram | fx.GraphModule) -> _Graph:
         for name, buffer in submodule._buffers.items():
             if buffer is not None:
                 submodule._buffers[name] = buffer.detach().clone()
+    return _Graph(module, _input_shape(graph))
+
+
+def _input_shape(graph: fx.Graph) -> tuple[int | str, ...] | None:
+    """The input shape an exported graph was exported with (ints, or dynamic dims' names)."""
     inputs = [n for n in graph.nodes if n.op == "placeholder" and "val" in n.meta]
-    shape = None
     if inputs and isinstance(inputs[0].meta["val"], torch.Tensor):
-        shape = tuple(d if isinstance(d, int) else str(d) for d in inputs[0].meta["val"].shape)
-    return _Graph(module, shape)
+        return tuple(d if isinstance(d, int) else str(d) for d in inputs[0].meta["val"].shape)
+    return None
 
 
 class ExportedModule(nn.Module):
@@ -225,7 +229,29 @@ class ExportedModule(nn.Module):
         super().__init__()
         if not isinstance(program, ExportedProgram):
             raise TypeError(f"expected a torch.export.ExportedProgram, got {type(program)}")
-        graph = _exported_graph(program)
+        self._adopt(program, _exported_graph(program))
+
+    @classmethod
+    def over(cls, program: ExportedProgram, network: fx.GraphModule) -> ExportedModule:
+        """``program`` running the graph of ``network``, a private copy of it made already.
+
+        Its parameters may have been laid out channels-last since (a dense network shares
+        them); the program's views need them contiguous, so those are copied.
+        """
+        network = fx.GraphModule(network, network.graph, class_name="ExportedClassifier")
+        for submodule in network.modules():
+            for name, param in submodule._parameters.items():
+                if param is not None and not param.is_contiguous():
+                    submodule._parameters[name] = nn.Parameter(param.detach().contiguous(), False)
+            for name, buffer in submodule._buffers.items():
+                if buffer is not None and not buffer.is_contiguous():
+                    submodule._buffers[name] = buffer.detach().contiguous()
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._adopt(program, _Graph(network, _input_shape(network.graph)))
+        return module
+
+    def _adopt(self, program: ExportedProgram, graph: _Graph) -> None:
         self.network = graph.module
         self.exported_program = program
         batch = graph.exported_shape[0] if graph.exported_shape else None

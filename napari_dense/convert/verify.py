@@ -2,8 +2,10 @@
 
 Before :func:`~napari_dense.densify` returns, the dense network and the model itself (not its
 traced graph: hooks and anything tracing may lose are included) run on a small random batch.
-The patch positions compared cover every phase of every striding layer, the first and the
-last position of the output grid, and a few random ones. An exact claim that does not hold
+The patch positions compared cover every phase of every striding layer (:mod:`.cover`: about
+``max stride_y × max stride_x`` positions, in images just large enough to hold them), include
+the first and the last position of the output grid, and a few random ones where the model is
+cheap; the model runs once, on all of them in one batch. An exact claim that does not hold
 raises :class:`ConversionError`, which names the first node whose dense map differs from the
 patch network's (found by comparing intermediate maps); for networks that are not exact the
 measured deviation is recorded in ``plan.verified``.
@@ -11,7 +13,7 @@ measured deviation is recorded in ``plan.verified``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +24,7 @@ from torch.export import ExportedProgram
 
 from napari_dense.convert.acquire import Classifier, ExportedModule, _device_of
 from napari_dense.convert.builder import _DenseGraphBuilder
+from napari_dense.convert.cover import _mask, phase_cover
 from napari_dense.convert.dense import DenseClassifier
 from napari_dense.convert.geometry import Lattice, Pair, checkered_phases
 from napari_dense.convert.patchnet import _graph_output, _Traced
@@ -33,9 +36,11 @@ __all__ = ["ConversionError", "certify"]
 #: Deviation allowed of an exact network, relative to max(1, largest |output|) (float32).
 RELATIVE_TOLERANCE = 1e-4
 _BATCH = 2
-_MIN_POSITIONS = 12  # over the whole batch, on top of the phase cover
 _SEED = 20171
-_FREE_MACS = 5e7  # patches this cheap in all are always affordable (small nets: 12 more)
+# Random positions besides the phase cover, while the model's extra patches cost this little
+# in all (a few tenths of a millisecond on one CPU core): small nets get up to _MAX_EXTRA.
+_MAX_EXTRA = 4
+_FREE_MACS = 1e7
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -70,14 +75,19 @@ def certify(
     """
     plan = dense.plan
     (ph, pw), (sy, sx) = plan.patch_size, plan.output_stride
-    output = _graph_output(traced.module.graph)
-    period = builder.lattice[output].total_stride
-    rows = max(3, -(-period[0] // sy) + 1)
-    cols = max(3, -(-period[1] // sx) + 1)
+    layers = [
+        (
+            builder.layer_input_stride[layer.name],
+            layer.stride,
+            _phases(layer.sampling, layer.stride),
+        )
+        for layer in plan.layers
+    ]
+    cover, (rows, cols), covered = phase_cover(layers, (sy, sx), plan.sample_pattern)
     size = (ph + (rows - 1) * sy, pw + (cols - 1) * sx)
-    device = _device_of(traced.module)
     generator = torch.Generator().manual_seed(_SEED)
-    x = torch.randn(_BATCH, traced.in_channels, *size, generator=generator).to(device)
+    x = torch.randn(_BATCH, traced.in_channels, *size, generator=generator)
+    x = x.to(_device_of(traced.module))
     with torch.no_grad():
         out = dense(x)
     if tuple(out.shape) != (_BATCH, plan.num_classes, rows, cols):
@@ -86,12 +96,13 @@ def certify(
             f"expected {(_BATCH, plan.num_classes, rows, cols)}: a converter bug; report it "
             "with the model, or convert with verify=False to skip this check"
         )
-    positions, covered = _positions(builder, plan, rows, cols, generator)
-    patches = torch.stack(
-        [x[b, :, i * sy : i * sy + ph, j * sx : j * sx + pw] for b, i, j in positions]
-    )
+    positions = _positions(cover, plan, rows, cols, generator)
+    index = torch.tensor(positions, device=x.device).T
+    # (B, C, rows, cols, ph, pw) views of every patch; the chosen ones in one batch.
+    windows = x.unfold(2, ph, sy).unfold(3, pw, sx)
+    patches = windows[index[0], :, index[1], index[2]].contiguous()
     reference = _run_model(model, traced, patches).reshape(len(positions), -1).float()
-    computed = torch.stack([out[b, :, i, j] for b, i, j in positions]).float()
+    computed = out[index[0], :, index[1], index[2]].float()
     scale = float(reference.abs().nan_to_num(0.0).max()) if reference.numel() else 0.0
     tolerance = RELATIVE_TOLERANCE * max(1.0, scale)
     deviation = _deviation(computed, reference)
@@ -134,70 +145,34 @@ def _deviation(computed: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def _positions(
-    builder: _DenseGraphBuilder,
-    plan: Any,
-    rows: int,
-    cols: int,
-    generator: torch.Generator,
-) -> tuple[list[tuple[int, int, int]], bool]:
-    """Output positions ``(image, row, col)`` that cover every phase of every striding layer."""
-    (sy, sx) = plan.output_stride
-    mask = _computed(plan.sample_pattern, rows, cols)
-    grid = [(b, i, j) for b in range(_BATCH) for i in range(rows) for j in range(cols)]
-    grid = [p for p in grid if mask[p[1], p[2]]]
-    order = torch.randperm(len(grid), generator=generator).tolist()
-    strides = [(builder.layer_input_stride[layer.name], layer.stride) for layer in plan.layers]
-    needed = {  # the phases each layer computes: all, the checkered ones, or (0, 0) (strided)
-        (k, a, b)
-        for k, layer in enumerate(plan.layers)
-        for a, b in _computed_phases(layer.sampling, layer.stride)
-    }
-
-    def phases(position: tuple[int, int, int]) -> set[tuple[int, int, int]]:
-        y, x = position[1] * sy, position[2] * sx
-        return {(k, (y // c[0]) % s[0], (x // c[1]) % s[1]) for k, (c, s) in enumerate(strides)}
-
-    chosen = [grid[0], grid[-1]]  # first and last position (the valid region's edges)
-    seen = set().union(*(phases(p) for p in chosen))
-    while not needed <= seen:  # greedy: the position that adds the most phases not seen yet
-        best = max(order, key=lambda index: len(phases(grid[index]) - seen))
-        if not phases(grid[best]) - seen:
-            break  # the rest is never computed (checkered layers)
-        chosen.append(grid[best])
-        seen |= phases(grid[best])
-    # A few random positions more, while the model's share of the cost stays near the dense
-    # network's (its outputs times MAC/px, times ~4 for the larger early maps): large patches
-    # get few besides the phase cover.
-    dense_macs = 4 * plan.macs_per_pixel * _BATCH * rows * cols
-    affordable = max(dense_macs, _FREE_MACS) // max(plan.macs_per_patch, 1.0)
-    extra = min(_MIN_POSITIONS, int(affordable))
-    for index in order:
-        if len(chosen) >= len(grid) or extra <= 0:
-            break
-        if grid[index] not in chosen:
-            chosen.append(grid[index])
-            extra -= 1
-    return chosen, needed <= seen
+    cover: list[Pair], plan: Any, rows: int, cols: int, generator: torch.Generator
+) -> list[tuple[int, int, int]]:
+    """``(image, row, col)``: the phase cover spread over the batch (its first position in the
+    first image, its last in the last), then a few random positions where the model is cheap."""
+    chosen = [(index % _BATCH, i, j) for index, (i, j) in enumerate(cover)]
+    mask = _mask(plan.sample_pattern, (rows, cols))
+    extra = min(_MAX_EXTRA, int(_FREE_MACS // max(plan.macs_per_patch, 1.0)))
+    if extra > 0:
+        taken = set(chosen)
+        cells = [(int(i), int(j)) for i, j in zip(*np.nonzero(mask), strict=True)]
+        grid = [(b, i, j) for b in range(_BATCH) for i, j in cells]
+        order = torch.randperm(len(grid), generator=generator).tolist()
+        chosen += [p for p in (grid[k] for k in order) if p not in taken][:extra]
+    return chosen
 
 
-def _computed_phases(sampling: str, stride: Pair) -> list[Pair]:
+def _phases(sampling: str, stride: Pair) -> list[Pair]:
+    """The phases a striding layer computes: all, the checkered ones, or (0, 0) (strided)."""
     if sampling == "all":
         return [(a, b) for a in range(stride[0]) for b in range(stride[1])]
     return list(checkered_phases(stride)) if sampling == "checkered" else [(0, 0)]
 
 
-def _computed(pattern: Sequence[Sequence[bool]] | None, rows: int, cols: int) -> np.ndarray:
-    if pattern is None:
-        return np.ones((rows, cols), dtype=bool)
-    tile = np.array(pattern, dtype=bool)
-    reps = (-(-rows // tile.shape[0]), -(-cols // tile.shape[1]))
-    return np.tile(tile, reps)[:rows, :cols]
-
-
 def _run_model(model: Classifier, traced: _Traced, patches: torch.Tensor) -> torch.Tensor:
     """The caller's model on a batch of patches, in eval mode (its modes restored)."""
+    # A program runs on the private copy of its graph the conversion made (ExportedModule's).
     runner: Callable[[torch.Tensor], Any] = (
-        ExportedModule(model) if isinstance(model, ExportedProgram) else model
+        ExportedModule.over(model, traced.module) if isinstance(model, ExportedProgram) else model
     )
     modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
     try:
