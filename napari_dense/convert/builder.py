@@ -23,10 +23,9 @@ from napari_dense.convert.optable import (
     _EXPAND_METHODS,
     _EXPANDS,
     _IDENTITY_FUNCTIONS,
+    _IDENTITY_METHODS,
     _IDENTITY_MODULES,
     _LAYER_NORMS,
-    _PER_PIXEL_ATEN,
-    _PER_PIXEL_FUNCTIONS,
     _PER_PIXEL_METHODS,
     _PER_PIXEL_MODULES,
     _PERMUTES,
@@ -34,12 +33,14 @@ from napari_dense.convert.optable import (
     _REDUCE_METHODS,
     _RESHAPE_METHODS,
     _SOFTMAX_FUNCTIONS,
+    _SOFTMAX_METHODS,
     _SOFTMAX_MODULES,
     _SUPPORTED_ATEN,
     _TRAINING_MODE_HINT,
     _aten_equivalent,
     _flat,
     _is_multi_output,
+    _per_pixel_spec,
 )
 from napari_dense.convert.patchnet import _graph_output, _shape
 from napari_dense.convert.pointwise import _PointwiseOps
@@ -226,8 +227,8 @@ class _DenseGraphBuilder(_ReduceOps, _PointwiseOps, _LocalOps):
             self._permute(node, node.args[0], _flat([dims]))
         elif target in _EXPANDS:
             self._expand(node, node.args[0])
-        elif target in _PER_PIXEL_ATEN:
-            self._per_pixel(node, node.args[0], _dim_of(node, *_PER_PIXEL_ATEN[target]))
+        elif (per_pixel := _per_pixel_spec(target)) is not None:
+            self._per_pixel(node, node.args[0], _dim_of(node, *per_pixel))
         elif target in _ATEN_SLICE:
             self._aten_slice(node, node.args[0], self._normalized(node))
         elif equivalent is not None:
@@ -246,8 +247,6 @@ class _DenseGraphBuilder(_ReduceOps, _PointwiseOps, _LocalOps):
             self._getitem(node, node.args[0], node.args[1])
         elif target is F.lp_pool2d:
             self._lp_pool(node, self._normalized(node))
-        elif target in _PER_PIXEL_FUNCTIONS:
-            self._per_pixel(node, node.args[0], _dim_of(node, *_PER_PIXEL_FUNCTIONS[target]))
         elif target in _ELEMENTWISE_FUNCTIONS:
             self._elementwise(node)
         elif target in _IDENTITY_FUNCTIONS:
@@ -376,7 +375,9 @@ class _DenseGraphBuilder(_ReduceOps, _PointwiseOps, _LocalOps):
 
     def _call_method(self, node: fx.Node) -> None:
         method, x = node.target, node.args[0]
-        if method in _ELEMENTWISE_METHODS:
+        if method in _IDENTITY_METHODS:
+            self._alias(node, x)
+        elif method in _ELEMENTWISE_METHODS:
             self._elementwise(node)
         elif method in _RESHAPE_METHODS:
             self._reshape_like(node, x)
@@ -385,9 +386,9 @@ class _DenseGraphBuilder(_ReduceOps, _PointwiseOps, _LocalOps):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if dim not in (0, -4):
                 self.spatial_size_reads.append(node)
-        elif method in ("softmax", "log_softmax"):
+        elif method in _SOFTMAX_METHODS:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            self._softmax(node, x, dim, F.softmax if method == "softmax" else F.log_softmax)
+            self._softmax(node, x, dim, _SOFTMAX_METHODS[method])
         elif method in _EXPAND_METHODS:
             self._expand(node, x)
         elif method == "permute":

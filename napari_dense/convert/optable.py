@@ -22,82 +22,71 @@ _SUPPORTED = (
     "add/mul/cat of branches (README 'What converts')."
 )
 
-# Modules and functions that act on every value (or every channel) independently: they run on
-# dense tensors unchanged.
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-    nn.PReLU, nn.Threshold, nn.LogSigmoid, nn.Tanhshrink,
+# Pointwise ops, each declared ONCE by name. Every front end resolves the same name: the module
+# whose class name it is (``leaky_relu`` -> nn.LeakyReLU), the functions torch.<name>,
+# F.<name> and torch.special.<name>, the tensor methods <name> and <name>_ (in place), the
+# aten operators <name> and <name>_ of torch.export graphs, and the Python operators below.
+# "a/b": the name differs between front ends (F.logsigmoid, aten.log_sigmoid).
+_POINTWISE_NAMES = """
+relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh hardtanh hardswish hardsigmoid
+softplus softsign prelu _prelu_kernel logsigmoid/log_sigmoid threshold tanhshrink exp log abs neg
+sqrt rsqrt square pow reciprocal erf erfc clamp clamp_min clamp_max add sub rsub mul div maximum
+minimum log1p expm1 sign floor ceil round trunc fmod remainder sin cos where masked_fill gt ge
+lt le eq ne logical_and logical_or logical_not float to _to_copy type_as zeros_like ones_like
+full_like empty_like
+""".split()
+# Identities of the dense network (eval mode): declared once in the same way. aten's dropouts
+# are checked for training mode first (``_ATEN_DROPOUTS``).
+_IDENTITY_NAMES = """
+identity clone detach contiguous alias dropout dropout1d dropout2d alpha_dropout
+feature_alpha_dropout
+""".split()
+_ATEN_DROPOUTS = (
+    "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
 )  # fmt: skip
-_IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS: set[Callable[..., Any]] = {
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    operator.neg,
-    operator.pow,
-    operator.iadd,
-    operator.imul,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-    torch.maximum,
-    torch.minimum,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    torch.exp,
-    torch.log,
-    torch.abs,
-    torch.clamp,
-    torch.sqrt,
-    torch.square,
-    torch.neg,
-    F.relu,
-    F.relu6,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.celu,
-    F.gelu,
-    F.silu,
-    F.mish,
-    F.sigmoid,
-    F.tanh,
-    F.hardtanh,
-    F.hardswish,
-    F.hardsigmoid,
-    F.softplus,
-    F.softsign,
-    F.prelu,
-    F.logsigmoid,
-    F.threshold,
-}
-_ELEMENTWISE_FUNCTIONS |= {
-    torch.where, torch.erf, torch.special.erf, torch.clone, torch.rsqrt, torch.reciprocal,
-    torch.sign, torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne, torch.logical_not,
-    torch.logical_and, torch.logical_or, torch.pow, operator.gt, operator.ge, operator.lt,
-    operator.le, operator.eq, operator.ne, operator.and_, operator.or_, operator.invert,
-    torch.erfc, torch.log1p, torch.expm1, torch.floor, torch.ceil, torch.round, F.elu,
+# Python operators (``x + y``, ``x > 0``): the pointwise name each one is.
+_OPERATORS: dict[Callable[..., Any], str] = {
+    operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.isub: "sub",
+    operator.mul: "mul", operator.imul: "mul", operator.truediv: "div", operator.itruediv: "div",
+    operator.neg: "neg", operator.pow: "pow", operator.gt: "gt", operator.ge: "ge",
+    operator.lt: "lt", operator.le: "le", operator.eq: "eq", operator.ne: "ne",
+    operator.and_: "logical_and", operator.or_: "logical_or", operator.invert: "logical_not",
 }  # fmt: skip
-_IDENTITY_FUNCTIONS: set[Callable[..., Any]] = {
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.alpha_dropout,
-    F.feature_alpha_dropout,
-}
-_ELEMENTWISE_METHODS = {
-    "add", "sub", "mul", "div", "neg", "pow", "relu", "sigmoid", "tanh", "exp", "log", "abs",
-    "clamp", "clamp_min", "clamp_max", "sqrt", "square", "maximum", "minimum", "contiguous",
-    "float", "add_", "mul_", "relu_", "sigmoid_", "clamp_", "__add__", "__mul__", "clone",
-    "to", "type_as", "detach", "erf", "gt", "ge", "lt", "le", "eq", "ne", "where", "rsqrt",
-    "reciprocal", "sign", "masked_fill", "logical_not", "__and__", "__or__", "sub_", "div_",
-}  # fmt: skip
+
+
+def _spellings(names: Iterable[str]) -> list[str]:
+    return [spelling for name in names for spelling in name.split("/")]
+
+
+def _modules_named(names: Iterable[str]) -> tuple[type[nn.Module], ...]:
+    wanted = {name.replace("_", "") for name in _spellings(names)}
+    return tuple(
+        cls
+        for cls in vars(nn).values()
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__name__.lower() in wanted
+    )
+
+
+def _functions_named(names: Iterable[str]) -> set[Callable[..., Any]]:
+    found = set()
+    for name in _spellings(names):
+        for namespace in (torch, F, torch.special):
+            function = getattr(namespace, name, None)
+            if callable(function) and not isinstance(function, type):
+                found.add(function)
+    return found
+
+
+def _methods_named(names: Iterable[str], in_place: bool = True) -> set[str]:
+    suffixes = ("", "_") if in_place else ("",)
+    return {spelling + suffix for spelling in _spellings(names) for suffix in suffixes}
+
+
+def _aten_named(names: Iterable[str], in_place: bool = True) -> list[OpOverload | OpOverloadPacket]:
+    suffixes = ("", "_") if in_place else ("",)
+    return _aten_ops(*(s + suffix for s in _spellings(names) for suffix in suffixes))
+
+
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _SOFTMAX_FUNCTIONS: set[Callable[..., Any]] = {
     F.softmax,
@@ -111,12 +100,14 @@ _SOFTMAX_MODULES: dict[type[nn.Module], Callable[..., Any]] = {
     nn.LogSoftmax: F.log_softmax,
     nn.Softmin: F.softmin,
 }
-_REDUCE_METHODS = {"mean": "avg", "amax": "max", "sum": "sum"}
 _REDUCE_FUNCTIONS: dict[Callable[..., Any], str] = {
     torch.mean: "avg",
     torch.amax: "max",
     torch.sum: "sum",
 }
+# The tensor methods of the same names (x.mean(...)), and of the softmaxes (x.softmax(dim)).
+_REDUCE_METHODS = {function.__name__: kind for function, kind in _REDUCE_FUNCTIONS.items()}
+_SOFTMAX_METHODS = {f.__name__: f for f in _SOFTMAX_FUNCTIONS if f.__module__ == F.__name__}
 
 
 def _aten_ops(*names: str) -> list[OpOverload | OpOverloadPacket]:
@@ -135,23 +126,19 @@ def _aten_ops(*names: str) -> list[OpOverload | OpOverloadPacket]:
     return found
 
 
-_ATEN_ELEMENTWISE = (
-    "relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
-    "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "prelu",
-    "_prelu_kernel", "log_sigmoid", "threshold", "exp", "log", "abs", "neg", "sqrt", "rsqrt",
-    "square", "pow", "reciprocal", "erf", "clamp", "clamp_min", "clamp_max", "add", "sub", "rsub",
-    "mul", "div", "maximum", "minimum", "to", "_to_copy", "log1p", "expm1", "sign", "floor",
-    "ceil", "round", "trunc", "fmod", "remainder", "sin", "cos", "where", "gt", "ge", "lt", "le",
-    "eq", "ne", "logical_and", "logical_or", "logical_not", "zeros_like", "ones_like", "full_like",
-    "empty_like", "add_", "sub_", "mul_", "div_", "relu_", "clamp_", "clamp_min_", "sigmoid_",
-    "tanh_", "hardtanh_", "leaky_relu_", "elu_", "silu_", "hardswish_",
-)  # fmt: skip
+# The pointwise and identity tables as each front end looks them up.
+_ELEMENTWISE_MODULES = _modules_named(_POINTWISE_NAMES)
+_IDENTITY_MODULES = _modules_named(_IDENTITY_NAMES)
+_ELEMENTWISE_FUNCTIONS = _functions_named(_POINTWISE_NAMES) | set(_OPERATORS)
+_IDENTITY_FUNCTIONS = _functions_named(_IDENTITY_NAMES)
+_ELEMENTWISE_METHODS = _methods_named(_POINTWISE_NAMES) | {
+    f"__{op.__name__.strip('_')}__" for op in _OPERATORS
+}
+_IDENTITY_METHODS = _methods_named(_IDENTITY_NAMES)
+
 _ATEN_CHECKS = (
     "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_scalar",
     "sym_constrain_range", "sym_constrain_range_for_size",
-)  # fmt: skip
-_ATEN_DROPOUTS = (
-    "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
 )  # fmt: skip
 # The Linear of a decomposed graph multiplies by its weight transposed by one of these.
 _ATEN_TRANSPOSES = set(_aten_ops("t.default", "numpy_T.default", "transpose.int"))
@@ -189,12 +176,12 @@ _ATEN_EQUIVALENTS: dict[OpOverload | OpOverloadPacket, Callable[..., Any] | str]
         _aten_ops("flatten", "view", "reshape", "_unsafe_view", "squeeze", "unsqueeze"), "reshape"
     ),
     **dict.fromkeys(_aten_ops("addmm.default", "mm.default"), "matmul"),
-    **dict.fromkeys(_aten_ops("clone", "alias", "detach", "contiguous"), "alias"),
+    **dict.fromkeys(_aten_named(_IDENTITY_NAMES, in_place=False), "alias"),
     **dict.fromkeys(_aten_ops(*_ATEN_DROPOUTS), "dropout"),
     **dict.fromkeys(_aten_ops("sym_size.int"), "size"),
     **dict.fromkeys(_aten_ops(*_ATEN_CHECKS), "check"),
     **dict.fromkeys(_aten_ops("copy_"), "mutation"),
-    **dict.fromkeys(_aten_ops(*_ATEN_ELEMENTWISE), "elementwise"),
+    **dict.fromkeys(_aten_named(_POINTWISE_NAMES), "elementwise"),
 }
 _TRAINING_MODE_HINT = (
     "the program was exported in training mode. Hint: export the model in eval mode, "
@@ -272,34 +259,33 @@ _SIGNATURES: dict[Any, tuple[str, ...]] = {
 _PER_PIXEL_MODULES: dict[type[nn.Module], str | None] = {
     nn.LocalResponseNorm: None, nn.Softmax2d: None, nn.ChannelShuffle: None, nn.GLU: "dim",
 }  # fmt: skip
-_PER_PIXEL_FUNCTIONS: dict[Any, tuple[int, str, int | None]] = {
-    F.normalize: (2, "dim", 1),
-    F.local_response_norm: (99, "dim", 1),
-    F.glu: (1, "dim", -1),
-    torch.chunk: (2, "dim", 0),
-    torch.split: (2, "dim", 0),
-    torch.logsumexp: (1, "dim", None),
-}
-_PER_PIXEL_METHODS: dict[str, tuple[int, str, int | None]] = {
-    "chunk": (2, "dim", 0),
-    "split": (2, "dim", 0),
-    "logsumexp": (1, "dim", None),
-    "amin": (1, "dim", None),
-    "norm": (2, "dim", None),
-}
-_PER_PIXEL_ATEN = (
-    dict.fromkeys(
-        _aten_ops("split.Tensor", "chunk.default", "split_with_sizes.default"), (2, "dim", 0)
-    )
-    | dict.fromkeys(_aten_ops("glu.default"), (1, "dim", -1))
-    | dict.fromkeys(
-        _aten_ops("linalg_vector_norm.default", "logsumexp.default", "amin.default"),
-        (2, "dim", None),
-    )
-    | dict.fromkeys(
-        _aten_ops("channel_shuffle.default", "native_channel_shuffle.default"), (99, "dim", 1)
-    )
-)
+# Calls per pixel over channels, declared once by name with where their ``dim`` sits among
+# the call's arguments (the same position for torch.<name>, F.<name>, the method <name> and
+# aten.<name>: self or input first) and its default. "a/b": spellings of other front ends.
+_PER_PIXEL_NAMES: dict[str, tuple[int, int | None]] = {
+    "normalize": (2, 1), "local_response_norm": (99, 1), "glu": (1, -1), "chunk": (2, 0),
+    "split/split_with_sizes": (2, 0), "logsumexp": (1, None), "amin": (1, None),
+    "norm/linalg_vector_norm": (2, None), "channel_shuffle/native_channel_shuffle": (99, 1),
+}  # fmt: skip
+_PER_PIXEL_CALLS: dict[Any, tuple[int, str, int | None]] = {}
+_PER_PIXEL_METHODS: dict[str, tuple[int, str, int | None]] = {}
+for _names, (_position, _default) in _PER_PIXEL_NAMES.items():
+    _spec = (_position, "dim", _default)
+    _PER_PIXEL_CALLS |= dict.fromkeys(_functions_named([_names]), _spec)
+    _PER_PIXEL_CALLS |= dict.fromkeys(_aten_named([_names], in_place=False), _spec)
+    _PER_PIXEL_METHODS |= dict.fromkeys(_methods_named([_names], in_place=False), _spec)
+
+
+def _per_pixel_spec(target: Any) -> tuple[int, str, int | None] | None:
+    """Where the ``dim`` of a per-pixel call sits, for functions and aten overloads alike."""
+    if isinstance(target, OpOverload):
+        return _PER_PIXEL_CALLS.get(target, _PER_PIXEL_CALLS.get(target.overloadpacket))
+    try:
+        return _PER_PIXEL_CALLS.get(target)
+    except TypeError:  # unhashable targets are no per-pixel op
+        return None
+
+
 _ATEN_SLICE = set(_aten_ops("slice.Tensor"))
 
 _LAYER_NORMS = {F.layer_norm, *_aten_ops("layer_norm.default", "native_layer_norm.default")}
