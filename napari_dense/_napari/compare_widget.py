@@ -121,7 +121,7 @@ class CompareModesWidget(Container):
             modes=modes,
             channel_axis=-1 if layer.rgb else None,
             normalisation=normalisation,
-            device=dense._device.value,
+            device=dense.device(),
             activation=loaded.metadata.activation,  # |Δ| in probabilities, as the map stores
             _start_thread=False,
             _ignore_errors=True,  # shown as a notification below, not raised in the event loop

@@ -171,7 +171,7 @@ class FrontierView(Container):
         if self._region.value == "field of view":
             box = _visible_box(layer, height, width)
         module, patch = loaded.module, loaded.metadata.patch_size
-        device = dense._device.value
+        device = dense.device()
         try:
             groups = layer_groups(module, patch)
             self._total = frontier_size(module, patch, max_exhaustive=MAX_EXHAUSTIVE)

@@ -34,6 +34,7 @@ from napari.utils.notifications import show_error
 from napari_dense import model_files
 from napari_dense._napari import output_dialog as _output_dialog
 from napari_dense._napari.layers import image_data, input_layers, plane_shape
+from napari_dense._napari.live_run import run_device
 from napari_dense._napari.run_panel import RunPanel
 from napari_dense._napari.settings import run_settings
 from napari_dense.convert import densify, explain
@@ -316,6 +317,11 @@ class DenseInferenceWidget(RunPanel, Container):
         preset = self._preset.value
         return preset.lower() if preset in ("Simple", "Advanced") else self.sampling()
 
+    def device(self) -> str:
+        """The device a computation in this process uses: the device list's choice ("all
+        GPUs", which spreads a run over a cluster, plans and compares with ``"auto"``)."""
+        return run_device(self._device.value)
+
     def apply_sampling(self, mapping: Mapping[str, str]) -> None:
         """Set the layer switches from a sampling mapping (the Frontier view's "Use this setting").
 
@@ -417,7 +423,7 @@ class DenseInferenceWidget(RunPanel, Container):
         assert plan is not None
         height, width = plane_shape(layer, self.input_level())
         tile = gui_tile_size(self._tile.value)
-        device = self._device.value.split(":")[0]
+        device = self.device().split(":")[0]  # "all GPUs": estimated as one GPU
         device = "cuda" if device == "auto" and torch.cuda.is_available() else device
         device = "cpu" if device == "auto" else device
         measured = self._measured_rate.get(device)  # the last run's, per output pixel
