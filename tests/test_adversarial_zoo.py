@@ -439,6 +439,23 @@ class FunctionalConv(nn.Module):
         return F.conv2d(x, self.w3, padding="valid").flatten(1)
 
 
+class Spellings(nn.Module):
+    """Ops that each front end spells its own way, all resolved from one op-table entry: the
+    function torch.sin, the method x.erfc(), F.tanhshrink, and channel reductions whose dim
+    follows self (logsumexp, amin; aten's too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(10, 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = torch.sin(x) + x.erfc() + F.tanhshrink(x)
+        x = torch.cat([x, torch.logsumexp(x, 1, keepdim=True), torch.amin(x, 1, keepdim=True)], 1)
+        return self.conv2(F.max_pool2d(x, 2)).flatten(1)
+
+
 def weight_normed() -> nn.Sequential:
     model = seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 3, 4))
     with __import__("warnings").catch_warnings():
@@ -459,4 +476,5 @@ IDIOMS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "functional_conv": (FunctionalConv, 10),
     "old_weight_norm": (weight_normed, 10),
     "parametrization": (parametrized, 10),
+    "spellings": (Spellings, 10),
 }
