@@ -11,6 +11,7 @@ and :meth:`LiveOverlay.refresh` re-slices the layers only when a stale chunk is 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -409,14 +410,19 @@ class LiveOverlay:
         layers = self._viewer.layers
         # Not made the active layer: the user's selection stays, and napari does not switch
         # the layer controls for each (a tenth of a second per layer on the GUI thread).
-        activate = getattr(layers, "_activate_on_insert", None)
-        if activate is not None:
-            layers._activate_on_insert = False
+        # napari has no public switch for it; without the private one layers are activated.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # napari: private access
+            activate = getattr(layers, "_activate_on_insert", None)
+            if activate is not None:
+                layers._activate_on_insert = False
         try:
             layers.insert(self._position(k), layer)
         finally:
             if activate is not None:
-                layers._activate_on_insert = activate
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    layers._activate_on_insert = activate
         return True
 
     def _position(self, k: int) -> int:
