@@ -240,12 +240,11 @@ def _check_device(device: Any) -> str | torch.device:
     if isinstance(device, torch.device) or device == "auto":
         return device
     try:
-        torch.device(device)
+        return str(torch.device(device))
     except (RuntimeError, TypeError):
         raise InputError(
             f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'"
         ) from None
-    return str(device)
 
 
 def _check_precision(precision: Any) -> str:
