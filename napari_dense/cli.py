@@ -90,7 +90,7 @@ def _plan_of(model: Any, patch: Any, sampling: Any) -> Any:
 
 def _cmd_explain(args: argparse.Namespace) -> None:
     model, patch, _ = _load_model(args.model, args.trust_code)
-    plan = _plan_of(model, args.patch or patch, _parse_sampling(args.sampling))
+    plan = _plan_of(model, args.patch or patch, _parse_sampling(args.mode))
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.to_markdown())
 
 

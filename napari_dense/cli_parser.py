@@ -76,9 +76,21 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     region.add_argument("--region", help="y0:y1,x0:x1 (default: the whole image)")
     device = parent()
     device.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    # One option for the per-layer sampling (explain once said --sampling, predict --mode).
+    sampling = parent()
+    sampling.add_argument(
+        "--mode", "--sampling", dest="mode", default="advanced", help=_SAMPLING_HELP
+    )
     quiet = parent()
     quiet.add_argument("--quiet", action="store_true", help="no progress bar")
-    return {"model": model, "image": image, "region": region, "device": device, "quiet": quiet}
+    return {
+        "model": model,
+        "image": image,
+        "region": region,
+        "device": device,
+        "sampling": sampling,
+        "quiet": quiet,
+    }
 
 
 def build_parser(
@@ -110,17 +122,16 @@ def build_parser(
 
     explain = add(
         "explain",
-        ["model"],
+        ["model", "sampling"],
         "The striding layers of a model, what densifying each costs, and whether it is exact",
         "  napari-dense explain ihc_patchnet\n"
-        "  napari-dense explain 15x15 --sampling 2=all,5=none --json",
+        "  napari-dense explain 15x15 --mode 2=all,5=none --json",
     )
-    explain.add_argument("--sampling", default="all", help=_SAMPLING_HELP)
     explain.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     predict = add(
         "predict",
-        ["model", "image", "device", "quiet"],
+        ["model", "image", "sampling", "device", "quiet"],
         "Predict an image, tile by tile, into an OME-Zarr probability map",
         "  napari-dense predict model.pt2 slide.zarr -o map.zarr\n"
         "  napari-dense predict model.pt2 slide.zarr -o map.zarr --resume   # after Ctrl-C\n"
@@ -128,7 +139,6 @@ def build_parser(
         "  napari-dense predict model.pt2 slide.zarr -o map.zarr --scheduler local-cuda",
     )
     predict.add_argument("-o", "--output", required=True, help="output .zarr directory")
-    predict.add_argument("--mode", default="advanced", help=_SAMPLING_HELP)
     predict.add_argument("--tile", type=int, help="output pixels per tile side (default: auto)")
     predict.add_argument(
         "--precision",

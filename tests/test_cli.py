@@ -17,8 +17,9 @@ def test_explain_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
     assert "| 2 | MaxPool2d | 2x2 | 2x2 | all |" in out and "exact" in out
 
 
-def test_explain_custom_sampling_as_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["explain", "15x15", "--sampling", "2=advanced", "--json"]) == 0
+@pytest.mark.parametrize("option", ["--mode", "--sampling"])  # one option, two spellings
+def test_explain_custom_sampling_as_json(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "15x15", option, "2=advanced", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [layer["sampling"] for layer in plan["layers"]] == ["all", "none"]
     assert plan["output_stride"] == [2, 2]
