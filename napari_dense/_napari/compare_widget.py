@@ -119,10 +119,7 @@ class CompareModesWidget(Container):
             loaded.module,
             loaded.metadata.patch_size,
             modes=modes,
-            channel_axis=-1 if layer.rgb else None,
-            normalisation=normalisation,
-            device=dense.device(),
-            activation=loaded.metadata.activation,  # |Δ| in probabilities, as the map stores
+            options=dense.run_options(layer, loaded, normalisation),
             _start_thread=False,
             _ignore_errors=True,  # shown as a notification below, not raised in the event loop
         )

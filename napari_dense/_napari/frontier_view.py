@@ -171,6 +171,7 @@ class FrontierView(Container):
         if self._region.value == "field of view":
             box = _visible_box(layer, height, width)
         module, patch = loaded.module, loaded.metadata.patch_size
+        options = dense.run_options(layer, loaded, normalisation)
         device = dense.device()
         try:
             groups = layer_groups(module, patch)
@@ -186,10 +187,7 @@ class FrontierView(Container):
                 image,
                 patch,
                 region=box,
-                channel_axis=-1 if layer.rgb else None,
-                normalisation=normalisation,
-                activation=loaded.metadata.activation,
-                device=device,
+                options=options,
                 repeats=self._repeats.value,
                 max_exhaustive=MAX_EXHAUSTIVE,
             ),

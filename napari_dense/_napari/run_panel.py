@@ -11,6 +11,7 @@ message.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -24,13 +25,7 @@ from qtpy.QtCore import QTimer
 
 from napari_dense._napari import output_dialog as _output_dialog
 from napari_dense._napari.layers import field_of_view_centre, image_data, level_transform
-from napari_dense._napari.live_run import (
-    Prepared,
-    ViewFollower,
-    live_run,
-    run_device,
-    run_scheduler,
-)
+from napari_dense._napari.live_run import Prepared, ViewFollower, live_run, run_scheduler
 from napari_dense._napari.overlay import LiveOverlay
 from napari_dense._napari.workers import reporting_errors
 from napari_dense.evaluate.estimate import gui_tile_size
@@ -108,20 +103,21 @@ class RunPanel:
             return None
         output, overwrite, resume = decision
         self._store = None  # the previous run's layers stay until this run's reuse them
-        prepare = functools.partial(
-            prepare_run,
-            image_data(layer, level),
-            loaded,
-            output,
+        options = dataclasses.replace(
+            self.run_options(layer, loaded, normalisation),  # type: ignore[attr-defined]
             mode=self.mode(),  # type: ignore[attr-defined]
-            channel_axis=-1 if layer.rgb else None,
-            device=run_device(self._device.value),  # type: ignore[attr-defined]
             precision=self._precision.value,  # type: ignore[attr-defined]
             # Latency-sized tiles (first tile and Cancel within ~1 s); a resume keeps the store's.
             tile=(self._tile.value or None)  # type: ignore[attr-defined]
             if resume
             else gui_tile_size(self._tile.value),  # type: ignore[attr-defined]
-            normalisation=normalisation,
+        )
+        prepare = functools.partial(
+            prepare_run,
+            image_data(layer, level),
+            loaded,
+            output,
+            options=options,
             overwrite=overwrite,
             resume=resume,
             pyramid_levels="auto",  # filled as tiles land: the overlay is multiscale

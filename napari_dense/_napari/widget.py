@@ -51,6 +51,7 @@ from napari_dense.evaluate.estimate import (
 )
 from napari_dense.io.sources import open_image
 from napari_dense.model_files import LoadedClassifier
+from napari_dense.run.options import RunOptions
 from napari_dense.run.to_zarr import prepare_run
 
 __all__ = ["DenseInferenceWidget", "dense_widget_of"]
@@ -316,6 +317,22 @@ class DenseInferenceWidget(RunPanel, Container):
         """What a run passes as ``mode``: the preset's name, or the per-layer sampling."""
         preset = self._preset.value
         return preset.lower() if preset in ("Simple", "Advanced") else self.sampling()
+
+    def run_options(
+        self, layer: Any, loaded: LoadedClassifier, normalisation: dict[str, Any] | None
+    ) -> RunOptions:
+        """The options every computation of this widget shares (what :meth:`run_inputs` gives):
+        the layer's channel axis, the device, the normalisation and the model's activation.
+
+        The Compare panel and the Frontier tab compute with these; a run adds the mode, the
+        precision and the tile size.
+        """
+        return RunOptions(
+            channel_axis=-1 if layer.rgb else None,
+            device=self.device(),
+            normalisation=normalisation,
+            activation=loaded.metadata.activation,  # |Δ| in probabilities, as the map stores
+        )
 
     def device(self) -> str:
         """The device a computation in this process uses: the device list's choice ("all
