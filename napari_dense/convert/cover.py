@@ -48,10 +48,11 @@ def phase_cover(
     -------
     PhaseCover
         ``(positions, (rows, cols), covered)``: grid positions ``(i, j)`` (pixel
-        ``(i * step_y, j * step_x)``), first the grid's first and last computed points, then
-        greedily the one meeting the most phases not met yet; the smallest grid that holds
-        them; and whether every phase is met (phases of layers before a strided one that no
-        output position reaches cannot be).
+        ``(i * step_y, j * step_x)``): the grid's first and last computed points, then every
+        pair of a row and a column that each meet every layer's phase digits along their axis
+        (about ``max(s_y) × max(s_x)``), where computed, then greedily any position meeting
+        phases not met yet; the smallest grid that holds them; and whether every phase is met
+        (phases of layers before a strided one that no output position reaches cannot be).
     """
     layers = [(c, s, set(ph)) for c, s, ph in layers]
     extent = [max([(s[a] - 1) * c[a] for c, s, _ in layers] or [0]) for a in (0, 1)]
