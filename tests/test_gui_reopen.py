@@ -137,11 +137,16 @@ def test_a_saved_map_dropped_back_in_looks_like_the_live_overlay(
     overlay = list(widget._output_layers)
     during_run = [_look(layer) for layer in overlay]
     assert [look["visible"] for look in during_run] == [True, True, False]  # background hidden
+    run = (tmp_path / "run.zarr").resolve()  # the run's own output is remembered as it ends
+    assert settings.plugins.extension2reader == {f"{run}/": "napari-dense"}
 
     saved = tmp_path / "saved.zarr"  # File › Save Selected Layers, napari-dense's writer
     viewer.layers.selection = set(overlay)
     assert viewer.layers.save(str(saved), selected=True, plugin="napari-dense") == [str(saved)]
-    assert settings.plugins.extension2reader == {f"{saved.resolve()}/": "napari-dense"}
+    assert settings.plugins.extension2reader == {
+        f"{run}/": "napari-dense",
+        f"{saved.resolve()}/": "napari-dense",
+    }
     for layer in overlay:
         viewer.layers.remove(layer)
 
@@ -153,6 +158,10 @@ def test_a_saved_map_dropped_back_in_looks_like_the_live_overlay(
     for k, layer in enumerate(reopened):
         np.testing.assert_allclose(_level0(layer), expected[k], atol=1e-6)
         assert layer.metadata["napari_dense"]["class"] == CLASSES[k]
+    for layer in reopened:
+        viewer.layers.remove(layer)
+    _drop(viewer, run)  # the run's output itself, dropped in: no chooser either
+    assert [_look(layer) for layer in viewer.layers if layer.name != "grey"] == during_run
     widget._image.reset_choices()
     assert [layer.name for layer in widget._image.choices] == ["grey"]  # maps are no input
     assert no_chooser == []

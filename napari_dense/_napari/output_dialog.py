@@ -36,6 +36,11 @@ def session_cache() -> Path:
     return _SESSION[0]
 
 
+def in_session_cache(path: str | Path) -> bool:
+    """Whether ``path`` is inside this session's cache folder (removed at exit)."""
+    return bool(_SESSION) and Path(path).resolve().is_relative_to(_SESSION[0].resolve())
+
+
 def cache_output(*parts: str) -> Path:
     """The cache path of a run named by ``parts`` (input layer, model, mode): the same run gets
     the same path, so running it again after Cancel offers Resume."""

@@ -27,6 +27,7 @@ from napari_dense._napari import output_dialog as _output_dialog
 from napari_dense._napari.layers import field_of_view_centre, image_data, level_transform
 from napari_dense._napari.live_run import Prepared, ViewFollower, live_run, run_scheduler
 from napari_dense._napari.overlay import LiveOverlay
+from napari_dense._napari.reader import remember_map_reader
 from napari_dense._napari.workers import reporting_errors
 from napari_dense.evaluate.estimate import gui_tile_size
 from napari_dense.run.to_zarr import prepare_run
@@ -293,6 +294,9 @@ class RunPanel:
                     self._run_macs_per_pixel * self._run_megapixels * 1e6 / max(computing, 1e-9)
                 )
             if store is not None:
+                if not _output_dialog.in_session_cache(store.path):
+                    # Dragged back in, the user's map opens with napari-dense, no reader chooser.
+                    remember_map_reader(store.path)
                 kept = len(store.completed_tiles())
                 if store.is_complete():  # finalized by the worker
                     self._status.value = f"done in {elapsed:.1f} s · {store.path}"
