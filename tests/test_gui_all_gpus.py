@@ -120,7 +120,9 @@ def test_cancelling_all_gpus_cancels_the_pending_tiles_and_closes_the_cluster(
     qtbot.waitUntil(lambda: widget._worker is None, timeout=180_000)
     assert cancelled and worker.abort_requested
     (client,) = two_gpus
-    assert client.status == "closed" and client.cluster.status.name == "closed"
+    # Closed in the background (the GUI thread does not wait for the workers to stop).
+    qtbot.waitUntil(lambda: client.cluster.status.name == "closed", timeout=30_000)
+    assert client.status == "closed"
     # The workers are gone: what the store holds is final. Only the tiles yielded and the
     # few submitted ahead (two per worker) were computed; the rest were cancelled.
     store = ProbabilityStore.open(widget._store.path)

@@ -10,6 +10,7 @@ in a worker is its own GPU.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
@@ -226,12 +227,23 @@ def iter_distributed(
                 )  # fmt: skip
                 index += 1
     finally:
-        if pending:  # cancelled or failed: nothing more is computed or written
+        cancelled = bool(pending)
+        if cancelled:  # cancelled or failed: nothing more is computed or written
             client.cancel(list(pending), force=True)
         cluster = getattr(client, "cluster", None)
-        client.close()
-        if cluster is not None:
-            cluster.close()
+
+        def shut_down() -> None:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+        if cancelled:
+            # Cancel answers at once (the GUI closes this generator on its own thread): the
+            # tasks are cancelled; the client and the cluster it started close in the
+            # background (about a second: the workers are told to stop, then killed).
+            threading.Thread(target=shut_down, name="napari-dense-cluster-close").start()
+        else:
+            shut_down()
 
 
 def run_distributed(
