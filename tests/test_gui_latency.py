@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,8 +139,9 @@ def test_the_probe_times_one_real_tile_read_computed_and_written_with_its_pyrami
 def test_a_gui_run_uses_latency_sized_tiles(qtbot, make_napari_viewer, model_file, monkeypatch):
     from napari_dense._napari import run_panel as _run_panel
     from napari_dense._napari.widget import DenseInferenceWidget
+    from napari_dense.run.options import RunOptions
 
-    seen: dict[str, object] = {}
+    seen: dict[str, Any] = {}
 
     def refusing_prepare(*_args, **kwargs):
         seen.update(kwargs)
@@ -152,11 +154,13 @@ def test_a_gui_run_uses_latency_sized_tiles(qtbot, make_napari_viewer, model_fil
     widget.load_model(model_file)
     widget.run()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
-    assert seen["tile"] == 512 and seen["resume"] is False
+    options = seen["options"]  # one RunOptions from the widget's controls
+    assert isinstance(options, RunOptions) and options.channel_axis == -1  # an RGB layer
+    assert options.tile == 512 and options.mode == "advanced" and seen["resume"] is False
     widget._tile.value = 128
     widget.run()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
-    assert seen["tile"] == 128
+    assert seen["options"].tile == 128
 
 
 def test_chunk_cache_reads_nothing_where_no_tile_landed(tmp_path) -> None:

@@ -34,7 +34,7 @@ from napari_dense.run.to_zarr import prepare_run
 
 __all__ = ["REFRESH_MS", "RunPanel"]
 
-REFRESH_MS = 250  # throttle of the overlay refresh and the progress line during a run
+REFRESH_MS = 1000  # throttle of the overlay refresh and the progress line during a run
 #: Most of the GUI thread's time the overlay's refreshes may take: after a refresh that took
 #: ``t``, the next waits at least ``t / REFRESH_SHARE`` (slow machines refresh less often).
 REFRESH_SHARE = 0.15
