@@ -103,6 +103,10 @@ def frontier() -> None:
     window.resizeDocks(docks, [640, 640], Qt.Orientation.Horizontal)  # the plot unclipped
     # The height goes to the Compare panel; Dense inference keeps what it needs.
     window.resizeDocks(docks, [600, FRONTIER_HEIGHT - 600], Qt.Orientation.Vertical)
+    # The canvas grew: the camera moves, so that napari slices the multiscale class layers
+    # for the new field of view (a resize alone leaves the old one's region loaded).
+    viewer.reset_view()
+    _pump(0.5)
     assert compare._frontier.run() is not None
     while compare._frontier._worker is not None:
         _pump(0.1)

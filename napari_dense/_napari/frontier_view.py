@@ -135,7 +135,7 @@ class FrontierView(Container):
                 _row(
                     Label(value="at most"),
                     self._budget,
-                    Label(value="of the pixels may change class (vs advanced)"),
+                    _tip(Label(value="of pixels may change class"), "compared with advanced"),
                 ),
                 _holding(table),
                 self._picked,
@@ -359,6 +359,12 @@ def _wrapping(label: Label) -> Label:
     label.native.setWordWrap(True)
     label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     return label
+
+
+def _tip(widget: Any, text: str) -> Any:
+    """``widget`` with a tooltip."""
+    widget.tooltip = text
+    return widget
 
 
 def _row(*widgets: Any) -> Container:
