@@ -63,3 +63,13 @@ def computed_mask(dense: Any, shape: tuple[int, ...]) -> np.ndarray:
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    """A two-class 15×15 FDFE net with fixed weights: the store and run tests' model (a test
+    module may define its own)."""
+    from napari_dense.evaluate.models import fdfe15
+
+    torch.manual_seed(3)
+    return fdfe15(num_classes=2).eval()

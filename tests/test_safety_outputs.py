@@ -19,7 +19,6 @@ import zarr
 
 import napari_dense as nd
 from napari_dense.cli import main
-from napari_dense.evaluate.models import fdfe15
 from napari_dense.io.store import (
     OverwriteRefusedError,
     ProbabilityStore,
@@ -29,12 +28,6 @@ from napari_dense.io.store import (
 from napari_dense.run.to_zarr import iter_into_store, predict_to_zarr, prepare_run
 
 CHOOSE = "choose another output path"
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    torch.manual_seed(3)
-    return fdfe15(num_classes=2).eval()
 
 
 @pytest.fixture(scope="module")

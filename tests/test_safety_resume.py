@@ -28,12 +28,6 @@ SETTINGS: dict[str, Any] = {"patch_size": 15, "tile": 16, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    torch.manual_seed(3)
-    return fdfe15(num_classes=2).eval()
-
-
-@pytest.fixture(scope="module")
 def image() -> np.ndarray:
     return np.random.default_rng(0).random((40, 36), dtype=np.float32)
 

@@ -17,7 +17,6 @@ import zarr
 from ngff_check import assert_valid_ngff, every_store_is_valid_ngff  # noqa: F401
 
 import napari_dense as nd
-from napari_dense.evaluate.models import fdfe15
 from napari_dense.io.physical import PhysicalSpace
 from napari_dense.io.store import ProbabilityStore, StoreExistsError, StoreLockedError
 from napari_dense.run.fingerprint import ResumeMismatchError
@@ -25,12 +24,6 @@ from napari_dense.run.to_zarr import iter_into_store, predict_to_zarr, prepare_r
 
 #: Every store a test here writes is validated as strict NGFF 0.5 afterwards (tests/ngff_check.py).
 pytestmark = pytest.mark.usefixtures("every_store_is_valid_ngff")
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    torch.manual_seed(3)
-    return fdfe15(num_classes=2).eval()
 
 
 @pytest.fixture(scope="module")
