@@ -159,6 +159,24 @@ def build_parser(
         choices=["reflect", "edge", "constant"],
         help="how the image is extended so border pixels get a whole patch",
     )
+    predict.add_argument(
+        "--interpolation",
+        default="bilinear",
+        choices=["bilinear", "nearest"],
+        help="how pixels between computed samples are filled (sampling other than advanced)",
+    )
+    predict.add_argument(
+        "--memory-budget",
+        type=_bytes,
+        metavar="SIZE",
+        help="host memory a tile may use, e.g. 2GiB or 512MiB (default: from free memory)",
+    )
+    predict.add_argument(
+        "--class-names",
+        type=_names,
+        metavar="A,B,...",
+        help="names of the output classes (default: the model's)",
+    )
     predict.add_argument("--level", type=int, default=0, help="OME-Zarr / TIFF pyramid level")
     predict.add_argument(
         "--pyramid",
@@ -241,3 +259,36 @@ def _pyramid_levels(text: str) -> int | str:
     if levels < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more levels, or auto, got {text!r}")
     return levels
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+}
+
+
+def _bytes(text: str) -> int:
+    """``--memory-budget``: bytes, or a number with KiB/MiB/GiB (KB/MB/GB) after it."""
+    number = text.strip().rstrip("BbIiKkMmGg")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GiB or 512MiB, got {text!r}")
+    return int(value)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``--class-names``: comma-separated names."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names

@@ -147,3 +147,29 @@ def test_version_and_help_show_examples_and_defaults(capsys) -> None:
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+def test_predict_takes_every_run_option_it_documents(tmp_path) -> None:
+    import numpy as np
+
+    from napari_dense import ModelMetadata, save_classifier
+    from napari_dense.evaluate.models import fdfe15
+    from napari_dense.io.store import ProbabilityStore
+
+    model = tmp_path / "two.pt2"
+    save_classifier(fdfe15(num_classes=2).eval(), model,
+                    metadata=ModelMetadata(patch_size=(15, 15), in_channels=1))  # fmt: skip
+    image = tmp_path / "grey.npy"
+    np.save(image, np.random.default_rng(0).random((40, 40), dtype=np.float32))
+    out = tmp_path / "map.zarr"
+    args = ["predict", str(model), str(image), "-o", str(out), "--quiet", "--mode", "2=all"]
+    args += ["--interpolation", "nearest", "--memory-budget", "64MiB", "--class-names", "a, b"]
+    assert main(args) == 0
+    store = ProbabilityStore.open(out)
+    assert store.class_names == ["a", "b"] and store.is_complete()
+    assert store.attributes["interpolation"] == "nearest"
+    assert store.attributes["sampling"] == {"2": "all", "5": "none"}
+    # A size it cannot read is a usage error (exit 2) naming the accepted form.
+    result = _run_cli("predict", "15x15", str(image), "-o", str(tmp_path / "m.zarr"),
+                      "--memory-budget", "lots")  # fmt: skip
+    assert result.returncode == 2 and "2GiB or 512MiB" in result.stderr
