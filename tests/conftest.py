@@ -73,3 +73,26 @@ def model() -> torch.nn.Module:
 
     torch.manual_seed(3)
     return fdfe15(num_classes=2).eval()
+
+
+def saved_model_file(
+    tmp_path_factory: Any,
+    build: Any,
+    patch: int,
+    in_channels: int,
+    class_names: list[str],
+    **metadata: Any,
+) -> tuple[torch.nn.Module, Path]:
+    """A patch classifier built with seed 0 (``build()``), in eval mode, saved as ``.pt2`` with
+    its metadata in a fresh folder: the model and its path (the GUI tests' model files)."""
+    from napari_dense.model_files import ModelMetadata, save_classifier
+
+    torch.manual_seed(0)
+    model = build().eval()
+    name = metadata.setdefault("name", "model")
+    path = tmp_path_factory.mktemp("model") / f"{name}.pt2"
+    info = ModelMetadata(
+        patch_size=(patch, patch), in_channels=in_channels, class_names=class_names, **metadata
+    )
+    save_classifier(model, path, metadata=info)
+    return model, path

@@ -14,6 +14,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 pytest.importorskip("matplotlib")
 
+from conftest import saved_model_file
 from qtpy.QtCore import QTimer
 
 import napari_dense as nd
@@ -23,23 +24,19 @@ from napari_dense._napari.widget import DenseInferenceWidget, dense_widget_of
 from napari_dense.evaluate.frontier import LEVELS, frontier_size
 from napari_dense.evaluate.frontier import frontier as frontier_of
 from napari_dense.evaluate.models import patchnet32
-from napari_dense.model_files import ModelMetadata, save_classifier
 
 
 @pytest.fixture(scope="module")
 def model_and_file(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    model = patchnet32(num_classes=3).eval()  # two max-pools: 3**2 = 9 settings
-    path = tmp_path_factory.mktemp("model") / "patchnet.pt2"
-    metadata = ModelMetadata(
-        patch_size=(32, 32),
-        in_channels=3,
-        class_names=["a", "b", "c"],
+    return saved_model_file(
+        tmp_path_factory,
+        lambda: patchnet32(num_classes=3),  # two max-pools: 3**2 = 9 settings
+        32,
+        3,
+        ["a", "b", "c"],
         name="patchnet",
         activation="none",  # the network ends in a softmax
     )
-    save_classifier(model, path, metadata=metadata)
-    return model, path
 
 
 @pytest.fixture

@@ -17,11 +17,12 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 pytest.importorskip("distributed")
 
+from conftest import saved_model_file
+
 from napari_dense._napari.live_run import ALL_GPUS, run_device, run_scheduler
 from napari_dense._napari.widget import DenseInferenceWidget, device_choices
 from napari_dense.evaluate.models import fdfe15
 from napari_dense.io.store import ProbabilityStore
-from napari_dense.model_files import ModelMetadata, save_classifier
 from napari_dense.run import distributed
 from napari_dense.run.engine import TileResult
 
@@ -30,12 +31,9 @@ CLASSES = ["nucleus", "background"]
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    model = fdfe15(num_classes=2).eval()
-    path = tmp_path_factory.mktemp("model") / "fdfe.pt2"
-    metadata = ModelMetadata(patch_size=(15, 15), in_channels=1, class_names=CLASSES, name="fdfe")
-    save_classifier(model, path, metadata=metadata)
-    return model, path
+    return saved_model_file(
+        tmp_path_factory, lambda: fdfe15(num_classes=2), 15, 1, CLASSES, name="fdfe"
+    )
 
 
 @pytest.fixture

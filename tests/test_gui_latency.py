@@ -7,24 +7,25 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
+from conftest import saved_model_file
 
 import napari_dense as nd
 from napari_dense.errors import InputError
 from napari_dense.evaluate import estimate
 from napari_dense.evaluate.models import patchnet32
-from napari_dense.model_files import ModelMetadata, save_classifier
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "patchnet.pt2"
-    metadata = ModelMetadata(
-        patch_size=(32, 32), in_channels=3, class_names=["a", "b"], name="p", activation="none"
-    )
-    save_classifier(patchnet32(num_classes=2).eval(), path, metadata=metadata)
-    return path
+    return saved_model_file(
+        tmp_path_factory,
+        lambda: patchnet32(num_classes=2),
+        32,
+        3,
+        ["a", "b"],
+        name="p",
+        activation="none",
+    )[1]
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from conftest import saved_model_file
 from napari.errors import MultipleReaderError
 from napari.settings import NapariSettings
 from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
@@ -31,7 +31,6 @@ from napari_dense.colours import class_rgb
 from napari_dense.evaluate.models import fdfe15
 from napari_dense.io.physical import PhysicalSpace
 from napari_dense.io.store import ProbabilityStore
-from napari_dense.model_files import ModelMetadata, save_classifier
 
 CLASSES = ["nucleus", "stain", "background"]
 MICRONS = ("micrometer", "micrometer")
@@ -61,11 +60,9 @@ def no_chooser(monkeypatch) -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "fdfe.pt2"
-    metadata = ModelMetadata(patch_size=(15, 15), in_channels=1, class_names=CLASSES, name="fdfe")
-    save_classifier(fdfe15(num_classes=3).eval(), path, metadata=metadata)
-    return path
+    return saved_model_file(
+        tmp_path_factory, lambda: fdfe15(num_classes=3), 15, 1, CLASSES, name="fdfe"
+    )[1]
 
 
 def _map(path: Path, dtype: str = "float32") -> ProbabilityStore:

@@ -14,6 +14,8 @@ import torch
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from conftest import saved_model_file
+
 import napari_dense as nd
 from napari_dense._napari.live_run import NearestFirst, ViewFollower
 from napari_dense._napari.widget import DOCK_WIDTH, DenseInferenceWidget
@@ -28,12 +30,9 @@ CLASSES = ["nucleus", "stain", "background"]
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    model = fdfe15(num_classes=3).eval()
-    path = tmp_path_factory.mktemp("model") / "fdfe.pt2"
-    metadata = ModelMetadata(patch_size=(15, 15), in_channels=1, class_names=CLASSES, name="fdfe")
-    save_classifier(model, path, metadata=metadata)
-    return model, path
+    return saved_model_file(
+        tmp_path_factory, lambda: fdfe15(num_classes=3), 15, 1, CLASSES, name="fdfe"
+    )
 
 
 @pytest.fixture(autouse=True)

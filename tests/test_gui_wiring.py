@@ -14,12 +14,13 @@ import torch
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from conftest import saved_model_file
+
 from napari_dense._napari.widget import DenseInferenceWidget
 from napari_dense._napari.writer import write_probability_maps
 from napari_dense.evaluate.models import fdfe15
 from napari_dense.io.physical import PhysicalSpace
 from napari_dense.io.store import ProbabilityStore
-from napari_dense.model_files import ModelMetadata, save_classifier
 
 CLASSES = ["nucleus", "stain", "background"]
 MICRONS = ("micrometer", "micrometer")
@@ -27,14 +28,15 @@ MICRONS = ("micrometer", "micrometer")
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = fdfe15(num_classes=3).eval()
-    path = tmp_path_factory.mktemp("model") / "fdfe.pt2"
-    metadata = ModelMetadata(
-        patch_size=(15, 15), in_channels=1, class_names=CLASSES, name="fdfe", activation="softmax"
-    )
-    save_classifier(model, path, metadata=metadata)
-    return path
+    return saved_model_file(
+        tmp_path_factory,
+        lambda: fdfe15(num_classes=3),
+        15,
+        1,
+        CLASSES,
+        name="fdfe",
+        activation="softmax",
+    )[1]
 
 
 def _run(qtbot, viewer, model_file: Path, output: Path, level: int = 0) -> DenseInferenceWidget:

@@ -13,6 +13,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from architectures import ConcatNet
+from conftest import saved_model_file
 from qtpy.QtCore import QTimer
 
 import napari_dense as nd
@@ -28,14 +29,15 @@ CLASSES = ["nucleus", "other"]
 
 @pytest.fixture(scope="module")
 def model_and_file(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    model = patchnet32(num_classes=2).eval()  # ends in a softmax: activation "none"
-    path = tmp_path_factory.mktemp("model") / "patchnet.pt2"
-    metadata = ModelMetadata(
-        patch_size=(32, 32), in_channels=3, class_names=CLASSES, name="patchnet", activation="none"
+    return saved_model_file(
+        tmp_path_factory,
+        lambda: patchnet32(num_classes=2),
+        32,
+        3,
+        CLASSES,
+        name="patchnet",
+        activation="none",  # the network ends in a softmax
     )
-    save_classifier(model, path, metadata=metadata)
-    return model, path
 
 
 @pytest.fixture(autouse=True)
