@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import numpy as np
+
 __all__ = [
     "CLASS_COLOURS",
     "class_colour",
@@ -55,6 +57,12 @@ def is_background(name: str) -> bool:
     """
     lowered = str(name).strip().lower()
     return lowered in _BACKGROUND_NAMES or "background" in lowered
+
+
+def display_max(dtype: Any) -> int:
+    """The top of a class's display window: 255 for maps stored as uint8, else 1 (the
+    overlay's contrast limits, the saved map's omero window, the reopened layers')."""
+    return 255 if np.dtype(dtype) == np.uint8 else 1
 
 
 def class_colourmap(index: int) -> Any:

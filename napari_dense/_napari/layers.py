@@ -8,6 +8,7 @@ import numpy as np
 
 __all__ = [
     "OUTPUT_KEY",
+    "class_layer_look",
     "field_of_view_centre",
     "image_data",
     "input_layers",
@@ -20,6 +21,21 @@ __all__ = [
 OUTPUT_KEY = "napari_dense"
 #: Suffix of the names of the layers napari-dense adds.
 OUTPUT_SUFFIX = " (napari-dense)"
+
+
+def class_layer_look(store: Any, k: int) -> dict[str, Any]:
+    """How class ``k`` of a probability store is shown, live or reopened: name, colour,
+    additive blending, display window, and metadata naming the store and the class."""
+    from napari_dense.colours import class_colourmap, display_max
+
+    name = store.class_names[k]
+    return {
+        "name": f"{name}{OUTPUT_SUFFIX}",
+        "colormap": class_colourmap(k),  # the saved map's omero colours too
+        "blending": "additive",
+        "contrast_limits": [0, display_max(store.dtype)],
+        "metadata": {OUTPUT_KEY: {"store": str(store.path), "class": name}},
+    }
 
 
 def is_output_layer(layer: Any) -> bool:

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_dense._napari.layers import OUTPUT_KEY, OUTPUT_SUFFIX, visible_box
-from napari_dense.colours import class_colourmap, is_background
+from napari_dense._napari.layers import OUTPUT_KEY, class_layer_look, visible_box
+from napari_dense.colours import is_background
 
 __all__ = ["ChunkCache", "LiveOverlay", "StoreClassView"]
 
@@ -346,9 +346,6 @@ class LiveOverlay:
         # crashed vispy's software GL under Xvfb here.
         return StoreClassView(self.cache, 0, k)
 
-    def _metadata(self, k: int) -> dict[str, Any]:
-        return {OUTPUT_KEY: {"store": str(self.store.path), "class": self.store.class_names[k]}}
-
     def _wanted(self, k: int) -> bool:
         name = self.store.class_names[k]
         return name == self._shown or (self._shown == "all" and not is_background(name))
@@ -358,17 +355,18 @@ class LiveOverlay:
         attribute: napari's refresh is held until the data are swapped)."""
         # Each attribute set emits events the viewer answers (extents, the layer list): only
         # what differs is set.
+        look = class_layer_look(self.store, k)
         wanted: dict[str, Any] = {
             "scale": self._scale,
             "translate": self._translate,
-            "contrast_limits": (0, 255 if self.store.dtype == np.uint8 else 1),
+            "contrast_limits": tuple(look["contrast_limits"]),
             "visible": self._wanted(k),
         }
         if self._units is not None:
             wanted["units"] = (*tuple(layer.units)[:-2], *self._units)
         block = getattr(layer, "_block_refresh", None)
         with block() if block is not None else contextlib.nullcontext():
-            layer.metadata = self._metadata(k)
+            layer.metadata = look["metadata"]
             for name, value in wanted.items():
                 if not np.array_equal(np.asarray(getattr(layer, name), dtype=object), value):
                     setattr(layer, name, value)
@@ -394,15 +392,11 @@ class LiveOverlay:
         layer = Image(
             self._views(k),
             multiscale=self._multiscale,
-            name=f"{self.store.class_names[k]}{OUTPUT_SUFFIX}",
-            colormap=class_colourmap(k),  # the saved map's omero colours too
-            blending="additive",
-            contrast_limits=[0, 255 if self.store.dtype == np.uint8 else 1],
             scale=self._scale,
             translate=self._translate,
             cache=False,
             visible=self._wanted(k),
-            metadata=self._metadata(k),
+            **class_layer_look(self.store, k),
         )
         if self._units is not None:
             layer.units = (*tuple(layer.units)[:-2], *self._units)

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-
 from napari_dense.io.store import ATTRIBUTES_KEY
 
 __all__ = [
@@ -117,8 +115,8 @@ def read_probability_map(path: str | list[str]) -> list[tuple[Any, dict[str, Any
     """
     import dask.array as da
 
-    from napari_dense._napari.layers import OUTPUT_KEY, OUTPUT_SUFFIX
-    from napari_dense.colours import class_colourmap, is_background
+    from napari_dense._napari.layers import class_layer_look
+    from napari_dense.colours import is_background
     from napari_dense.io.store import ProbabilityStore
 
     if isinstance(path, list):
@@ -130,22 +128,17 @@ def read_probability_map(path: str | list[str]) -> list[tuple[Any, dict[str, Any
     lead_scale = [store.scale[0] if axis == "z" else 1.0 for axis in leading]
     space = store.space
     units = (*(None for _ in leading), *space.units) if any(space.units) else None
-    top = 255 if store.dtype == np.uint8 else 1
     layers = []
     for k, name in enumerate(store.class_names):
         index = (slice(None),) * channel + (k,)
         planes = [level[index] for level in levels]
         meta = {
-            "name": f"{name}{OUTPUT_SUFFIX}",
-            "colormap": class_colourmap(k),
-            "blending": "additive",
-            "contrast_limits": [0, top],
+            **class_layer_look(store, k),  # as the live overlay shows it
             "visible": not is_background(name),
             "scale": (*lead_scale, *space.scale),
             "translate": (*(0.0 for _ in leading), *space.translation),
             "units": units,
             "multiscale": len(planes) > 1,
-            "metadata": {OUTPUT_KEY: {"store": str(store.path), "class": name}},
         }
         layers.append((planes if len(planes) > 1 else planes[0], meta, "image"))
     return layers

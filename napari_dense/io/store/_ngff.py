@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from napari_dense.colours import class_colour, is_background
+from napari_dense.colours import class_colour, display_max, is_background
 from napari_dense.io.physical import PhysicalSpace, unit_name
 
 __all__ = [
@@ -101,7 +101,7 @@ def ome_attributes(
         multiscale_type="local_mean" if pyramid else None,
         metadata={"description": _PYRAMID_DESCRIPTION} if pyramid else None,
     )
-    top = 255 if np.dtype(dtype) == np.uint8 else 1
+    top = display_max(dtype)
     channels = [
         Channel.model_validate(
             {
