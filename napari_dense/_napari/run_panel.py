@@ -11,7 +11,6 @@ message.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -104,14 +103,10 @@ class RunPanel:
             return None
         output, overwrite, resume = decision
         self._store = None  # the previous run's layers stay until this run's reuse them
-        options = dataclasses.replace(
-            self.run_options(layer, loaded, normalisation),  # type: ignore[attr-defined]
-            mode=self.mode(),  # type: ignore[attr-defined]
-            precision=self._precision.value,  # type: ignore[attr-defined]
-            # Latency-sized tiles (first tile and Cancel within ~1 s); a resume keeps the store's.
-            tile=(self._tile.value or None)  # type: ignore[attr-defined]
-            if resume
-            else gui_tile_size(self._tile.value),  # type: ignore[attr-defined]
+        # Latency-sized tiles (first tile and Cancel within ~1 s); a resume keeps the store's.
+        tile = self._tile.value or None  # type: ignore[attr-defined]
+        options = self._run_settings(  # type: ignore[attr-defined]
+            layer, loaded, normalisation, tile if resume else gui_tile_size(tile)
         )
         prepare = functools.partial(
             prepare_run,

@@ -8,6 +8,7 @@ builds the controls and keeps the estimate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import weakref
@@ -334,6 +335,22 @@ class DenseInferenceWidget(RunPanel, Container):
             activation=loaded.metadata.activation,  # |Δ| in probabilities, as the map stores
         )
 
+    def _run_settings(
+        self,
+        layer: Any,
+        loaded: LoadedClassifier,
+        normalisation: dict[str, Any] | None,
+        tile: int | None,
+    ) -> RunOptions:
+        """What a run on ``layer`` computes with: :meth:`run_options` with the mode, the
+        precision and ``tile`` (the run itself and the estimate's probe)."""
+        return dataclasses.replace(
+            self.run_options(layer, loaded, normalisation),
+            mode=self.mode(),
+            precision=self._precision.value,
+            tile=tile,
+        )
+
     def device(self) -> str:
         """The device a computation in this process uses: the device list's choice ("all
         GPUs", which spreads a run over a cluster, plans and compares with ``"auto"``)."""
@@ -470,16 +487,12 @@ class DenseInferenceWidget(RunPanel, Container):
                 normalisation = self.normalisation()
             except ValueError:  # said when the user presses Run
                 normalisation = None
+            options = self._run_settings(layer, loaded, normalisation, tile)
             prepare = functools.partial(
                 prepare_run,
                 data,
                 loaded,
-                mode=self.mode(),
-                channel_axis=-1 if layer.rgb else None,
-                device=device,
-                precision=self._precision.value,
-                tile=tile,
-                normalisation=normalisation,
+                options=dataclasses.replace(options, device=device),
                 pyramid_levels="auto",  # as a GUI run writes its tiles
             )
 
