@@ -175,13 +175,12 @@ def iter_distributed(
     total: int | None = None,
     first_index: int = 0,
     tiles_per_task: int = TILES_PER_TASK,
-    levels: bool = True,
 ) -> Iterator[TileResult]:
     """Compute ``tasks`` on the cluster at ``scheduler``, yielding each tile as it lands.
 
     The workers write the tiles (level 0) before their task completes; this process, the
-    writer-lock holder, adds each to the pyramid levels (``levels=False``: the caller does) and
-    yields a :class:`TileResult` without probabilities. ``tasks`` is consumed lazily, in order,
+    writer-lock holder, adds each to the pyramid levels and yields a :class:`TileResult`
+    without probabilities. ``tasks`` is consumed lazily, in order,
     ``tiles_per_task`` at a time, and only :data:`IN_FLIGHT_PER_WORKER` tasks per worker thread are
     submitted ahead: an order chosen as it is consumed (the GUI's nearest-to-the-view queue)
     is followed as far as that allows. Closing the generator (cancelling) cancels the tasks not
@@ -219,8 +218,7 @@ def iter_distributed(
             timings = future.result()
             submit_next()  # chosen now: the caller's order may have changed
             for leading, tile, read_seconds, compute_seconds in timings:
-                if levels:
-                    store.update_pyramid(leading, tile.box)
+                store.update_pyramid(leading, tile.box)
                 yield TileResult(
                     index, count, tuple(int(i) for i in leading), tile, None,  # type: ignore[arg-type]
                     read_seconds, compute_seconds,
@@ -256,8 +254,8 @@ def run_distributed(
 ) -> None:
     """Run ``tasks`` on the cluster at ``scheduler``; ``on_tile`` gets each finished tile.
 
-    :func:`iter_distributed` as a loop; the pyramid levels are left to ``on_tile``.
+    :func:`iter_distributed` as a loop (the levels are added as tiles land).
     """
-    for result in iter_distributed(predictor, store, tasks, scheduler, levels=False):
+    for result in iter_distributed(predictor, store, tasks, scheduler):
         if on_tile is not None:
             on_tile(result)

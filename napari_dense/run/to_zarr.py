@@ -303,13 +303,8 @@ def predict_to_zarr(
         if scheduler:
             from napari_dense.run.distributed import run_distributed
 
-            def landed(result: TileResult) -> None:
-                # Workers write level 0 only; this run (the lock holder) adds the levels.
-                store.update_pyramid(result.leading, result.tile.box)
-                if on_tile is not None:
-                    on_tile(result)
-
-            run_distributed(predictor, store, tasks, scheduler, on_tile=landed)
+            # Workers write level 0 only; this run (the lock holder) adds the levels as they land.
+            run_distributed(predictor, store, tasks, scheduler, on_tile=on_tile)
         else:
             _run_local(predictor, store, tasks, on_tile)
         seconds = time.perf_counter() - start
